@@ -1,0 +1,58 @@
+"""Fixtures: a small image-folder dataset the tests make themselves, and tiny configs and spaces."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ("red", "green", "blue")
+
+
+def make_image_folder(root: Path, per_class=(12, 6), px=24, seed=0) -> Path:
+    """train/ and val/ with one folder per class: noisy images tinted by class, so a model can learn."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), per_class):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 120, (px, px, 3), dtype=np.uint8)
+                img[..., c] = np.clip(img[..., c].astype(int) + 120, 0, 255)
+                Image.fromarray(img).save(folder / f"{name}_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data") / "tinted")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    os.environ["TUNE_SOTA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def tiny(image_folder: Path, **over) -> dict:
+    """A config small enough to train in seconds on one CPU."""
+    return {"data": str(image_folder), "arch": "xresnet18", "width": 0.125, "size": 16, "presize": 20,
+            "batch_size": 8, "epochs": 2, "lr": 3e-3, **over}
+
+
+def write_space(path: Path, values: dict, search: dict | None = None) -> Path:
+    path.write_text(yaml.safe_dump({**values, "search": search or {}}, sort_keys=False))
+    return path
+
+
+def cli(*args, cwd=ROOT, timeout=900) -> subprocess.CompletedProcess:
+    """Run `tune-sota ARGS` as a user would, capturing its output."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "tune_sota.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

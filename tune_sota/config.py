@@ -1,0 +1,347 @@
+"""The one config schema: a training run (`Config`), the search settings (`SearchSettings`), and
+search spaces, which are that same schema where any value may be a distribution.
+
+A space file is YAML: the `Config` fields at the top level, an optional `search:` section, and an
+optional `result:` block (written by the exporter, ignored when read). An exported best trial is a
+space with nothing left to sample, so it is accepted anywhere a space is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tune_sota.schedule import parse_schedule
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: the CLI prints its one-line message and exits 2."""
+
+
+class ConfigError(UserError):
+    """A config or space that does not fit the schema."""
+
+
+def _one_of(*allowed):
+    def check(v):
+        return None if v in allowed else "one of " + ", ".join(map(str, allowed))
+
+    return check
+
+
+def _at_least(lo, *, strict=False):
+    def check(v):
+        ok = v > lo if strict else v >= lo
+        return None if ok else f"{'>' if strict else '>='} {lo}"
+
+    return check
+
+
+def _between(lo, hi, *, hi_open=False):
+    def check(v):
+        ok = lo <= v < hi if hi_open else lo <= v <= hi
+        return None if ok else f"in [{lo}, {hi}{')' if hi_open else ']'}"
+
+    return check
+
+
+def _schedule(v):
+    if v == "":
+        return None  # no progressive resizing
+    try:
+        parse_schedule(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _data(v):
+    return None if v.strip() else "'digits', an Imagenette name, or a folder with train/ and val/"
+
+
+def _opt(default, help, check=None):
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+ARCHS = ("xresnet18", "xresnet34", "xresnet50")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One training run, every value fixed. Field defaults are chapter 7's choices where it has one."""
+
+    data: str = _opt("digits", "'digits' (offline, ships with scikit-learn), imagenette2-160|-320, "
+                     "imagenette2, imagewoof2-160|-320, imagewoof2, or a folder with train/ and val/", _data)
+    arch: str = _opt("xresnet50", "model, trained from scratch", _one_of(*ARCHS))
+    width: float = _opt(1.0, "channel-width multiplier; below 1 keeps CPU runs small", _between(0.0625, 4))
+    size: int = _opt(128, "final image size in pixels (validation always runs at it)", _between(8, 1024))
+    resize: str = _opt("", "progressive-resizing schedule, e.g. '64>96>128' or '64:2>128:1' "
+                       "(size:share of epochs); must end at `size`; '' = `size` throughout", _schedule)
+    presize: int = _opt(0, "item resize before batch augmentation; 0 = 1.25 x size", _between(0, 2048))
+    min_scale: float = _opt(0.35, "smallest crop area of random-resized-crop", _between(0.05, 1))
+    flip: bool = _opt(True, "random horizontal flips (off for data where mirroring changes the class)")
+    batch_size: int = _opt(64, "images per batch", _between(1, 4096))
+    epochs: int = _opt(5, "epochs of the one-cycle schedule", _between(1, 1000))
+    lr: float = _opt(3e-3, "peak one-cycle learning rate", _between(1e-6, 10))
+    wd: float = _opt(0.01, "weight decay", _between(0, 1))
+    mixup: float = _opt(0.0, "MixUp alpha; 0 = off", _between(0, 10))
+    label_smoothing: float = _opt(0.0, "label-smoothing epsilon; 0 = plain cross-entropy", _between(0, 1, hi_open=True))
+    normalize: str = _opt("imagenet", "normalization statistics: ImageNet's, or measured on a batch",
+                          _one_of("imagenet", "dataset"))
+    seed: int = _opt(42, "random seed of the run", _at_least(0))
+    precision: str = _opt("auto", "auto = bf16 on CUDA, fp32 on CPU", _one_of("auto", "fp32", "bf16", "fp16"))
+    workers: int = _opt(-1, "DataLoader worker processes; -1 = from the CPUs the trial was given", _at_least(-1))
+    pipeline: str = _opt("fastai", "data pipeline: fastai's per-item DataBlock", _one_of("fastai"))
+
+    def __post_init__(self):
+        for f in fields(self):
+            _check_value(f, getattr(self, f.name), "")
+        stages = parse_schedule(self.resize) if self.resize else []
+        if stages and stages[-1][0] != self.size:
+            raise ConfigError(
+                f"resize '{self.resize}' ends at {stages[-1][0]} px but size is {self.size}: "
+                f"the last stage must be the final size"
+            )
+
+    @property
+    def stages(self) -> list[tuple[int, float]]:
+        """The resize schedule as (size, share) pairs, the last at the final size."""
+        return parse_schedule(self.resize) if self.resize else [(self.size, 1.0)]
+
+    @property
+    def item_size(self) -> int:
+        """The size items are resized to before batch augmentation (presizing)."""
+        return self.presize or int(round(self.size * 1.25))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How a search runs: the `search:` section of a space file."""
+
+    num_samples: int = _opt(8, "trials to run", _between(1, 100000))
+    max_concurrent: int = _opt(0, "trials running at once; 0 = as many as the resources allow", _at_least(0))
+    grace_period: int = _opt(1, "ASHA: epochs every trial runs before it can be stopped", _at_least(1))
+    reduction_factor: int = _opt(2, "ASHA: keep the top 1/N at each rung", _between(2, 100))
+    cpus_per_trial: float = _opt(1.0, "CPUs each trial reserves", _between(0.01, 1024))
+    gpus_per_trial: float = _opt(0.0, "GPUs each trial reserves; fractions share a GPU", _between(0, 64))
+    seed: int = _opt(0, "seed of Optuna's TPE sampler", _at_least(0))
+    startup_trials: int = _opt(4, "trials Optuna samples at random before TPE models the results", _at_least(1))
+    score_top: int = _opt(1, "best trials re-scored with test-time augmentation", _between(1, 100))
+    keep_checkpoints: int = _opt(2, "checkpoints kept per trial (the newest)", _between(1, 1000))
+
+
+@dataclass(frozen=True)
+class Dist:
+    """A value to sample: `{kind: args}` in YAML."""
+
+    kind: str
+    args: tuple
+
+    def to_yaml(self):
+        return {self.kind: list(self.args)}
+
+    def values(self) -> list:
+        """The finite values a choice can take; bounds for the others (for validation)."""
+        return list(self.args)
+
+
+DIST_KINDS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None}
+
+
+@dataclass
+class Space:
+    """A parsed space file: the config values (fixed or `Dist`) and the search settings."""
+
+    values: dict[str, Any]
+    search: SearchSettings
+    name: str = "space"
+    source: str = "<dict>"
+
+    @property
+    def searched(self) -> dict[str, Dist]:
+        return {k: v for k, v in self.values.items() if isinstance(v, Dist)}
+
+    def fixed(self) -> Config:
+        """The space as one `Config`; an error if anything is still a distribution."""
+        if self.searched:
+            names = ", ".join(self.searched)
+            raise ConfigError(f"{self.source}: {names} still a distribution; a config to train needs fixed values")
+        return Config(**self.values)
+
+    def resolve(self, sampled: dict[str, Any]) -> Config:
+        """A `Config` from this space with `sampled` filling in the distributions."""
+        return Config(**{**self.values, **sampled})
+
+
+def _type_name(t) -> str:
+    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[t]
+
+
+def _check_value(f: dataclasses.Field, v, where: str):
+    """Raise ConfigError if `v` is not a valid value of field `f`."""
+    t = f.type if isinstance(f.type, str) else f.type.__name__
+    ok = {
+        "int": isinstance(v, int) and not isinstance(v, bool),
+        "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        "str": isinstance(v, str),
+        "bool": isinstance(v, bool),
+    }[t]
+    if not ok:
+        raise ConfigError(f"{where}{f.name}: {v!r} is not {_type_name(t)}")
+    check = f.metadata.get("check")
+    problem = check(v) if check else None
+    if problem:
+        raise ConfigError(f"{where}{f.name}: {v!r} is not allowed; must be {problem}")
+
+
+def _parse_dist(f: dataclasses.Field, raw: dict, where: str) -> Dist:
+    if len(raw) != 1:
+        raise ConfigError(f"{where}{f.name}: a distribution is one key, one of {', '.join(DIST_KINDS)}")
+    (kind, args), = raw.items()
+    if kind not in DIST_KINDS:
+        raise ConfigError(f"{where}{f.name}: unknown distribution '{kind}'; use one of {', '.join(DIST_KINDS)}")
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"{where}{f.name}: {kind} needs a non-empty list, e.g. {{{kind}: [a, b]}}")
+    n = DIST_KINDS[kind]
+    if n and len(args) != n:
+        raise ConfigError(f"{where}{f.name}: {kind} takes [low, high], got {args!r}")
+    t = f.type if isinstance(f.type, str) else f.type.__name__
+    if kind == "choice":
+        for v in args:
+            if isinstance(v, (dict, list)):
+                raise ConfigError(f"{where}{f.name}: choice options must be plain values, got {v!r}")
+            _check_value(f, v, where)
+        if len(set(map(repr, args))) != len(args):
+            raise ConfigError(f"{where}{f.name}: choice lists an option twice: {args!r}")
+        return Dist(kind, tuple(args))
+    if t not in ("int", "float") or (kind == "randint" and t != "int") or (kind != "randint" and t == "int"):
+        hint = "randint or choice" if t == "int" else "uniform, loguniform or choice" if t == "float" else "choice"
+        raise ConfigError(f"{where}{f.name}: {kind} does not fit {_type_name(t)}; use {hint}")
+    lo, hi = args
+    for v in args:
+        _check_value(f, v, where)
+    if not lo < hi:
+        raise ConfigError(f"{where}{f.name}: {kind} range [{lo}, {hi}] is empty; low must be below high")
+    if kind == "loguniform" and lo <= 0:
+        raise ConfigError(f"{where}{f.name}: loguniform needs low > 0, got {lo}")
+    return Dist(kind, (lo, hi))
+
+
+def _parse_section(cls, raw, where: str, dists: bool) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}expected a mapping of keys to values, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    out = {}
+    for key, v in raw.items():
+        if key not in known:
+            raise ConfigError(f"{where}unknown key '{key}'; allowed: {', '.join(known)}")
+        f = known[key]
+        if isinstance(v, dict) and dists:
+            out[key] = _parse_dist(f, v, where)
+        else:
+            if isinstance(v, int) and not isinstance(v, bool) and f.type in ("float", float):
+                v = float(v)
+            _check_value(f, v, where)
+            out[key] = v
+    return out
+
+
+def parse_space(raw: Any, *, name: str = "space", source: str = "<dict>") -> Space:
+    """Validate a space (a dict as read from YAML) and return it; ConfigError names what is wrong."""
+    where = f"{source}: "
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}a space is a mapping of config keys, got {type(raw).__name__}")
+    raw = dict(raw)
+    raw.pop("result", None)  # written by the exporter, informational only
+    search_raw = raw.pop("search", None) or {}
+    values = _parse_section(Config, raw, where, dists=True)
+    search = SearchSettings(**_parse_section(SearchSettings, search_raw, where + "search.", dists=False))
+    space = Space(values=values, search=search, name=name, source=source)
+    _check_cross_fields(space, where)
+    return space
+
+
+def _check_cross_fields(space: Space, where: str):
+    """Check the rules that tie fields together on every combination a choice can make."""
+    options = []
+    for key in ("size", "resize"):
+        v = space.values.get(key, getattr(Config, key))
+        if isinstance(v, Dist) and v.kind != "choice":
+            return  # a sampled size cannot be checked ahead; Config checks each sample
+        options.append(v.values() if isinstance(v, Dist) else [v])
+    for size, resize in itertools.product(*options):
+        try:
+            fixed = {k: v for k, v in space.values.items() if not isinstance(v, Dist)}
+            Config(**{**fixed, "size": size, "resize": resize})
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
+
+
+def space_path(name_or_path: str) -> Path:
+    """A space file by name (`search_spaces/NAME.yaml`) or by path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.parent != Path("."):
+        if not p.is_file():
+            raise UserError(f"space file {p} does not exist")
+        return p
+    p = SPACES_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        have = ", ".join(sorted(q.stem for q in SPACES_DIR.glob("*.yaml")))
+        raise UserError(f"no search space named '{name_or_path}'; available: {have} (or give a .yaml path)")
+    return p
+
+
+def load_space(name_or_path: str) -> Space:
+    """Read and validate a space file (by name or path)."""
+    p = space_path(name_or_path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{p}: broken YAML{at}: {problem}") from None
+    return parse_space(raw, name=p.stem, source=str(p))
+
+
+def space_to_yaml(values: dict[str, Any], search: SearchSettings | None = None, **extra) -> str:
+    """YAML text of a space or config, in schema order, with optional extra top-level blocks."""
+    out = {k: (v.to_yaml() if isinstance(v, Dist) else v) for k, v in values.items()}
+    if search is not None:
+        out["search"] = dataclasses.asdict(search)
+    out.update(extra)
+    return yaml.safe_dump(out, sort_keys=False)
+
+
+def write_atomic(path: Path, text: str):
+    """Write a file so that readers see the old content or the new, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def field_help(cls) -> dict[str, str]:
+    """Each field's help text, for --help and the docs."""
+    return {f.name: f.metadata.get("help", "") for f in fields(cls)}

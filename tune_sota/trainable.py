@@ -1,0 +1,78 @@
+"""The Ray Tune side of a trial: a thin function trainable around `recipe.train`, and the remote
+task that re-scores a finished trial's checkpoint with TTA.
+
+It lives in the package (not a script) so that Ray workers import it, and with it the fastai
+modules whose import patches `Learner` (fit_one_cycle, tta, to_bf16).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from tune_sota import recipe
+from tune_sota.config import Config
+
+STATE_FILE = "state.pt"
+
+
+def _assigned_cpus() -> float | None:
+    return ray.get_runtime_context().get_assigned_resources().get("CPU")
+
+
+def trial(config: dict) -> None:
+    """One trial: train `config`, reporting every epoch with a checkpoint; resume from one if given.
+
+    An exception inside training (a bad image, CUDA out of memory) is reported as the trial's
+    `error` rather than raised, so Ray does not retry a trial that would fail again; Ray's own
+    retries (FailureConfig) stay for lost workers and nodes.
+    """
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch
+    cfg = Config(**config)
+    blob = None
+    if (ckpt := tune.get_checkpoint()) is not None:
+        with ckpt.as_directory() as d:
+            blob = (Path(d) / STATE_FILE).read_bytes()
+    last = {"epoch": 0, "accuracy": 0.0}
+
+    def report(r: recipe.EpochReport, learn) -> None:
+        metrics = {"epoch": r.epoch, "epochs": r.epochs, "size": r.size, "accuracy": r.accuracy,
+                   "valid_loss": r.valid_loss, "train_loss": r.train_loss, "epoch_s": r.seconds,
+                   "diverged": r.diverged, "error": ""}
+        if r.diverged:  # no checkpoint of a model that has gone to NaN
+            metrics["accuracy"] = 0.0
+            tune.report(metrics)
+            return
+        last.update(epoch=r.epoch, accuracy=r.accuracy)
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / STATE_FILE).write_bytes(recipe.save_state(learn, r.epoch))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    try:
+        recipe.train(cfg, cpus=_assigned_cpus(), on_epoch=report, checkpoint=blob)
+    except Exception as e:  # recorded, not retried: see the docstring
+        message = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+        print(f"trial failed: {message}\n{traceback.format_exc()}")
+        tune.report({"epoch": last["epoch"], "epochs": cfg.epochs, "size": 0, "accuracy": last["accuracy"],
+                     "valid_loss": math.nan, "train_loss": math.nan, "epoch_s": 0.0, "diverged": False,
+                     "error": message})
+
+
+def _score(config: dict, checkpoint: tune.Checkpoint) -> dict[str, float]:
+    warnings.filterwarnings("ignore")
+    with checkpoint.as_directory() as d:
+        blob = (Path(d) / STATE_FILE).read_bytes()
+    return recipe.evaluate(Config(**config), blob, cpus=_assigned_cpus())
+
+
+def score_remote(config: dict, checkpoint: tune.Checkpoint, *, cpus: float, gpus: float) -> ray.ObjectRef:
+    """Score a trial's checkpoint plainly and with TTA, on a worker with the trial's resources."""
+    return ray.remote(num_cpus=cpus, num_gpus=gpus)(_score).remote(config, checkpoint)
