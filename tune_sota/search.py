@@ -44,6 +44,10 @@ class PrunedAwareOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         known = trial_id in self._ot_trials and trial_id not in self._completed_trials
+        if known and result and not result.get("error") and not result.get("diverged"):
+            # Tune hands the last result (including the one ASHA stopped on) only to this method,
+            # never to on_trial_result: record it as an intermediate value too.
+            self._ot_trials[trial_id].report(result[self.metric], result["training_iteration"])
         if known and (error or (result or {}).get("error") or (result or {}).get("diverged")):
             self._tell(trial_id, TrialState.FAIL)
         elif known and result and result.get("epoch", 0) < result.get("epochs", 0):

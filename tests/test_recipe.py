@@ -1,0 +1,53 @@
+"""The training function on its own: no Ray, real fastai, tiny data."""
+
+import subprocess
+import sys
+
+import pytest
+from fastai.callback.mixup import MixUp
+from fastai.losses import LabelSmoothingCrossEntropyFlat
+
+from tests.conftest import tiny
+from tune_sota import recipe
+from tune_sota.config import Config
+
+
+def test_progressive_resizing_with_validation_at_final_size(image_folder):
+    cfg = Config(**tiny(image_folder, epochs=3, resize="8>12>16", mixup=0.2, label_smoothing=0.1))
+    seen = []
+
+    def on_epoch(r, learn):
+        train_x = learn.dls.train.one_batch()[0]
+        valid_x = learn.dls.valid.one_batch()[0]
+        seen.append((r.epoch, r.size, train_x.shape[-1], valid_x.shape[-1]))
+        assert any(isinstance(cb, MixUp) for cb in learn.cbs)
+        assert isinstance(learn.loss_func, LabelSmoothingCrossEntropyFlat)
+        assert 0 <= r.accuracy <= 1 and r.valid_loss > 0 and not r.diverged
+
+    recipe.train(cfg, cpus=1, on_epoch=on_epoch)
+    assert seen == [(1, 8, 8, 16), (2, 12, 12, 16), (3, 16, 16, 16)]
+
+
+def test_resume_from_checkpoint_runs_only_the_remaining_epochs(image_folder):
+    cfg = Config(**tiny(image_folder, epochs=3))
+    states = {}
+    recipe.train(cfg, cpus=1, on_epoch=lambda r, learn: states.__setitem__(r.epoch, recipe.save_state(learn, r.epoch)))
+    assert sorted(states) == [1, 2, 3]
+    resumed = []
+    learn = recipe.train(cfg, cpus=1, on_epoch=lambda r, _: resumed.append(r.epoch), checkpoint=states[2])
+    assert resumed == [3]
+    scores = recipe.score(learn)
+    assert set(scores) == {"accuracy", "tta_accuracy"} and all(0 <= v <= 1 for v in scores.values())
+
+
+def test_evaluate_reloads_a_checkpoint_to_the_same_accuracy(image_folder):
+    cfg = Config(**tiny(image_folder, epochs=2))
+    blob = {}
+    learn = recipe.train(cfg, cpus=1, on_epoch=lambda r, lrn: blob.__setitem__("s", recipe.save_state(lrn, r.epoch)))
+    again = recipe.evaluate(cfg, blob["s"], cpus=1)
+    assert again["accuracy"] == pytest.approx(recipe.score(learn, tta=False)["accuracy"])
+
+
+def test_training_code_never_imports_ray():
+    code = "import sys, tune_sota.recipe, tune_sota.data; assert 'ray' not in sys.modules, 'ray imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
