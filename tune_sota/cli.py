@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("trials", help="print the trial table of a search",
                        description="Print one row per trial (tune_sota.load_trials); --history prints one row "
                                    "per trial per epoch (tune_sota.load_history).")
-    r.add_argument("results_dir", metavar="RESULTS_DIR", help="a folder that `tune-sota search` wrote, e.g. results/quick")
+    r.add_argument("results_dir", metavar="RESULTS_DIR",
+                   help="a folder that `tune-sota search` wrote, e.g. results/quick")
     r.add_argument("--history", action="store_true", help="one row per trial per epoch")
     return p
 
@@ -112,9 +113,10 @@ def _train(args) -> int:
     from tune_sota.config import load_space
 
     cfg = load_space(args.config).fixed()
-    from tune_sota import data, recipe
+    from tune_sota import preflight
 
-    data.check_source(cfg.data)
+    preflight.check_data(cfg.data)
+    from tune_sota import recipe
 
     def on_epoch(r, learn):
         print(f"epoch {r.epoch}/{r.epochs} at {r.size}px  train_loss {r.train_loss:.4f}  valid_loss "

@@ -12,19 +12,22 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import DataLoaders
 from fastai.data.external import URLs, untar_data
-from fastai.data.transforms import GrandparentSplitter, IntToFloatTensor, Normalize, get_image_files, parent_label
+from fastai.data.transforms import IndexSplitter, IntToFloatTensor, Normalize
 from fastai.vision.augment import RandomResizedCropGPU, Resize, aug_transforms
-from fastai.vision.core import imagenet_stats
+from fastai.vision.core import PILImage, imagenet_stats
 from fastai.vision.data import ImageBlock
 from fasttransform import Pipeline
+from PIL import Image
 
+from tune_sota import preflight
 from tune_sota.config import Config, UserError
 
-DOWNLOADS = {
+DOWNLOADS = {  # fastai's download of each name that `data:` accepts (see preflight.DOWNLOADS)
     "imagenette2": URLs.IMAGENETTE,
     "imagenette2-160": URLs.IMAGENETTE_160,
     "imagenette2-320": URLs.IMAGENETTE_320,
@@ -40,24 +43,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNE_SOTA_CACHE") or Path.home() / ".cache" / "tune_sota")
 
 
-def check_source(data: str) -> None:
-    """Fail fast, before Ray starts, on a data value that cannot work."""
-    if data == "digits" or data in DOWNLOADS:
-        return
-    root = Path(data).expanduser()
-    if not root.exists():
-        raise UserError(
-            f"data: {data} is neither a folder nor a known dataset; use 'digits', one of "
-            f"{', '.join(DOWNLOADS)}, or a folder with train/ and val/ (one subfolder per class)"
-        )
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise UserError(f"data: {root} has no {split}/ folder; it needs train/ and val/, each with one folder per class")
-
-
 def prepare_source(data: str) -> Path:
     """The image folder (with train/ and val/) for `data`, writing or downloading it if needed."""
-    check_source(data)
+    preflight.check_data(data, out=lambda *_: None)
     if data == "digits":
         return digits_folder()
     if data in DOWNLOADS:
@@ -76,8 +64,6 @@ def digits_folder() -> Path:
     root = cache_dir() / f"digits-{DIGITS_PX}"
     if (root / "val").is_dir():
         return root
-    import numpy as np
-    from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -96,6 +82,30 @@ def digits_folder() -> Path:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def load_rgb(path) -> Image.Image:
+    """Any image file as 8-bit RGB: grayscale, palette and CMYK converted, transparency on white,
+    16-bit and 32-bit channels scaled down (PIL's own conversion would clip them to white)."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            a = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+            im = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8))
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, rgba)
+        return im.convert("RGB")
+
+
+class RGBImage(PILImage):
+    """fastai's PILImage, opened with `load_rgb` so that every kind of image file trains alike."""
+
+    @classmethod
+    def create(cls, fn, **kwargs):
+        return cls(load_rgb(fn)) if isinstance(fn, (str, Path)) else super().create(fn, **kwargs)
 
 
 def batch_tfms(cfg: Config, size: int, stats) -> list:
@@ -123,14 +133,16 @@ def normalization(cfg: Config, dls: DataLoaders):
 
 def fastai_dataloaders(cfg: Config, root: Path, *, workers: int, device: torch.device) -> DataLoaders:
     """fastai's default pipeline: PIL decode and presize per item, then augmentation per batch."""
+    found = preflight.scan(root)  # readable images only: unreadable ones are skipped, not fatal
+    items = [p for split in ("train", "val") for p, _ in found.splits[split]]
+    labels = {p: found.classes[y] for split in ("train", "val") for p, y in found.splits[split]}
     block = DataBlock(
-        blocks=(ImageBlock, CategoryBlock),
-        get_items=get_image_files,
-        get_y=parent_label,
-        splitter=GrandparentSplitter(train_name="train", valid_name="val"),
+        blocks=(ImageBlock(cls=RGBImage), CategoryBlock(vocab=found.classes)),
+        get_y=lambda p: labels[p],
+        splitter=IndexSplitter(range(len(found.splits["train"]), len(items))),
         item_tfms=Resize(cfg.item_size),
     )
-    dls = block.dataloaders(root, bs=cfg.batch_size, num_workers=workers, device=device,
+    dls = block.dataloaders(items, bs=cfg.batch_size, num_workers=workers, device=device,
                             persistent_workers=workers > 0)
     return with_batch_tfms(cfg, dls)
 

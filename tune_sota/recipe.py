@@ -9,12 +9,11 @@ import io
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
-from fastcore.foundation import L
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision  # noqa: F401  (patches Learner.to_bf16 / to_fp16)
 from fastai.callback.mixup import MixUp
@@ -25,6 +24,7 @@ from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.vision.models import xresnet
+from fastcore.foundation import L
 
 from tune_sota import data
 from tune_sota.config import Config
@@ -175,6 +175,11 @@ def save_state(learn: Learner, epochs_done: int) -> bytes:
     opt = _plain(learn.opt.state_dict()) if learn.opt is not None else None
     torch.save({"model": learn.model.state_dict(), "opt": opt, "epoch": epochs_done}, buf)
     return buf.getvalue()
+
+
+def checkpoint_epoch(blob: bytes) -> int:
+    """The epochs done when `save_state` wrote `blob`."""
+    return int(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)["epoch"])
 
 
 def load_state(learn: Learner, blob: bytes) -> int:

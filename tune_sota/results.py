@@ -24,7 +24,8 @@ STATUS_HELP = {
     DIVERGED: "loss became NaN or infinite; stopped at once",
     UNFINISHED: "still running, or the search was interrupted",
 }
-HISTORY_COLUMNS = ["trial_id", "epoch", "epochs", "size", "accuracy", "valid_loss", "train_loss", "epoch_s"]
+HISTORY_COLUMNS = ["trial_id", "epoch", "epochs", "size", "accuracy", "valid_loss", "train_loss", "epoch_s",
+                   "node", "start_epoch"]
 
 
 def _status(metrics: dict, ray_error, finished: bool) -> str:
@@ -64,6 +65,7 @@ def tables(grid, searched: list[str], *, finished: bool) -> tuple[pd.DataFrame, 
             "time_s": round(float(m.get("time_total_s", math.nan)), 1),
             "tta_accuracy": math.nan,
             "error": error,
+            "node": m.get("node", ""),
             "path": str(result.path),
         })
     trials = pd.DataFrame(rows)

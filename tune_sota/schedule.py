@@ -21,7 +21,8 @@ def parse_schedule(text: str) -> list[tuple[int, float]]:
             size = int(size_s)
             share = float(share_s) if share_s else 1.0
         except ValueError:
-            raise ValueError(f"stage '{part.strip()}' is not SIZE or SIZE:SHARE, e.g. '64>128' or '64:2>128:1'") from None
+            raise ValueError(f"stage '{part.strip()}' is not SIZE or SIZE:SHARE, e.g. '64>128' or '64:2>128:1'") \
+                from None
         if size < 8 or not (share > 0 and math.isfinite(share)):
             raise ValueError(f"stage '{part.strip()}' needs a size >= 8 and a share > 0")
         stages.append((size, share))

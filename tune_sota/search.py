@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from tune_sota import data, results, trainable
+from tune_sota import data, preflight, results, trainable
 from tune_sota.config import Config, Dist, Space, UserError, parse_space, space_to_yaml, write_atomic
 
 METRIC, MODE = "accuracy", "max"
@@ -167,6 +167,9 @@ def _data_values(space: Space) -> list[str]:
 def _connect(address: str | None, search) -> None:
     """Start local Ray or join a cluster; the dashboard stays off (it would listen on the network)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our Progress lines replace Ray's status tables
+    # Save the experiment's state (trials, searcher, scheduler) every few seconds, so that a killed
+    # driver loses at most that much on --resume; the state is small next to a trial's checkpoint.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet_workers = {"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}}
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True,
@@ -179,11 +182,13 @@ def _connect(address: str | None, search) -> None:
                             f"start one with `ray start --head` or drop --address for local Ray") from None
     else:
         ray.init(**kwargs)
-    have = ray.cluster_resources().get("GPU", 0)
-    if search.gpus_per_trial > have:
-        ray.shutdown()
-        raise UserError(f"gpus_per_trial {search.gpus_per_trial} but the Ray cluster has {have:g} GPUs; "
-                        f"use --gpus-per-trial 0 or add GPU nodes")
+    have = ray.cluster_resources()
+    for key, asked in (("GPU", search.gpus_per_trial), ("CPU", search.cpus_per_trial)):
+        if asked > have.get(key, 0):  # Ray would otherwise wait forever for a node that never comes
+            ray.shutdown()
+            flag = f"--{key.lower()}s-per-trial"
+            raise UserError(f"{key.lower()}s_per_trial {asked:g} but the Ray cluster has {have.get(key, 0):g} "
+                            f"{key}s; use {flag} {have.get(key, 0):g} or less, or add nodes")
 
 
 def run(space: Space, *, name: str | None = None, results_root: str | Path = "results", storage: str | None = None,
@@ -208,8 +213,7 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
     storage = storage or str(results_root)
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    for d in _data_values(space):
-        data.check_source(d)
+    preflight.check(space, address, out)
     searched = list(space.searched)
     if not resume:
         results_dir.mkdir(parents=True)
@@ -232,7 +236,8 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
                                        resume_errored=True)
         else:
             tuner = tune.Tuner(fn, param_space={k: to_tune(v) for k, v in space.values.items()},
-                               tune_config=tune_config(space, results_dir), run_config=run_config(space, name, storage, out))
+                               tune_config=tune_config(space, results_dir),
+                               run_config=run_config(space, name, storage, out))
         grid = tuner.fit()
         trials, history = results.tables(grid, searched, finished=True)
         best_row, best = _score_best(grid, trials, space, out)

@@ -7,6 +7,7 @@ modules whose import patches `Learner` (fit_one_cycle, tta, to_bf16).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -20,7 +21,8 @@ from ray import tune
 from tune_sota import recipe
 from tune_sota.config import Config
 
-STATE_FILE = "state.pt"
+STATE_FILE = "state.pt"  # model and optimizer (recipe.save_state)
+METRICS_FILE = "metrics.json"  # what the epoch reported, to repeat it for a trial restored when already done
 
 
 def _assigned_cpus() -> float | None:
@@ -37,16 +39,20 @@ def trial(config: dict) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch
     cfg = Config(**config)
-    blob = None
+    blob, restored = None, {}
     if (ckpt := tune.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
             blob = (Path(d) / STATE_FILE).read_bytes()
-    last = {"epoch": 0, "accuracy": 0.0}
+            restored = json.loads((Path(d) / METRICS_FILE).read_text())
+    last = {"epoch": restored.get("epoch", 0), "accuracy": restored.get("accuracy", 0.0)}
+    # Where this attempt runs and which epoch it started from: after a lost node, the history shows
+    # the retried trial carrying on from its checkpoint rather than from epoch 1.
+    where = {"node": ray.get_runtime_context().get_node_id()[:12], "start_epoch": 0}
 
     def report(r: recipe.EpochReport, learn) -> None:
         metrics = {"epoch": r.epoch, "epochs": r.epochs, "size": r.size, "accuracy": r.accuracy,
                    "valid_loss": r.valid_loss, "train_loss": r.train_loss, "epoch_s": r.seconds,
-                   "diverged": r.diverged, "error": ""}
+                   "diverged": r.diverged, "error": "", **where}
         if r.diverged:  # no checkpoint of a model that has gone to NaN
             metrics["accuracy"] = 0.0
             tune.report(metrics)
@@ -54,8 +60,14 @@ def trial(config: dict) -> None:
         last.update(epoch=r.epoch, accuracy=r.accuracy)
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / STATE_FILE).write_bytes(recipe.save_state(learn, r.epoch))
+            (Path(d) / METRICS_FILE).write_text(json.dumps(metrics))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
+    if blob is not None:
+        where["start_epoch"] = recipe.checkpoint_epoch(blob)
+        if where["start_epoch"] >= cfg.epochs:  # finished before the driver died: say so again
+            tune.report({**restored, **where})
+            return
     try:
         recipe.train(cfg, cpus=_assigned_cpus(), on_epoch=report, checkpoint=blob)
     except Exception as e:  # recorded, not retried: see the docstring
@@ -63,7 +75,7 @@ def trial(config: dict) -> None:
         print(f"trial failed: {message}\n{traceback.format_exc()}")
         tune.report({"epoch": last["epoch"], "epochs": cfg.epochs, "size": 0, "accuracy": last["accuracy"],
                      "valid_loss": math.nan, "train_loss": math.nan, "epoch_s": 0.0, "diverged": False,
-                     "error": message})
+                     "error": message, **where})
 
 
 def _score(config: dict, checkpoint: tune.Checkpoint) -> dict[str, float]:
