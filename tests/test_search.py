@@ -56,6 +56,12 @@ def test_trial_table(searched):
     assert trials.tta_accuracy.notna().sum() == 1  # score_top defaults to the single best
 
 
+def test_checkpoints_keep_only_the_newest(searched):
+    folder, _ = searched
+    for trial in folder.glob("trial_*"):
+        assert 1 <= len(list(trial.glob("checkpoint_*"))) <= 2, trial  # keep_checkpoints defaults to 2
+
+
 def test_history_has_every_epoch_of_every_trial(searched):
     folder, _ = searched
     trials, history = load_trials(folder), load_history(folder)

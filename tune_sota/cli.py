@@ -19,12 +19,19 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other user error (and exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"tune-sota: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="tune-sota", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Search chapter 7's training techniques (MixUp, label smoothing, progressive resizing, "
                     "learning rate, epochs) for an xresnet trained from scratch, with Ray Tune, ASHA and Optuna.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     s = sub.add_parser("search", help="run a hyperparameter search and export the best trial",
                        description="Run a search over a space file; write results/NAME/{best.yaml,trials.csv,"
@@ -44,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                    "space's name): finished trials are kept, the Optuna searcher's state is restored")
 
     t = sub.add_parser("train", help="train one fixed config outside Ray (e.g. an exported best.yaml)",
-                       description="Train one config with every value fixed and print plain and TTA accuracy.")
+                       description="Train one config with every value fixed (an exported best.yaml, or any space "
+                                   "file without distributions) outside Ray: one line per epoch, then plain and "
+                                   "TTA accuracy. Example: tune-sota train --config results/quick/best.yaml")
     t.add_argument("--config", required=True, metavar="PATH", help="a config or best.yaml with no distributions")
     t.add_argument("--cpus", type=float, metavar="N", help="CPU threads to use (default: all)")
 

@@ -164,7 +164,7 @@ def _data_values(space: Space) -> list[str]:
     return list(v.args) if isinstance(v, Dist) else [v]
 
 
-def _connect(address: str | None, search) -> None:
+def _connect(address: str | None, search):
     """Start local Ray or join a cluster; the dashboard stays off (it would listen on the network)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our Progress lines replace Ray's status tables
     # Save the experiment's state (trials, searcher, scheduler) every few seconds, so that a killed
@@ -176,12 +176,12 @@ def _connect(address: str | None, search) -> None:
                   runtime_env=quiet_workers)
     if address:
         try:
-            ray.init(address=address, **kwargs)
+            context = ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"--address {address}: cannot reach a Ray cluster there ({str(e).splitlines()[0]}); "
                             f"start one with `ray start --head` or drop --address for local Ray") from None
     else:
-        ray.init(**kwargs)
+        context = ray.init(**kwargs)
     have = ray.cluster_resources()
     for key, asked in (("GPU", search.gpus_per_trial), ("CPU", search.cpus_per_trial)):
         if asked > have.get(key, 0):  # Ray would otherwise wait forever for a node that never comes
@@ -189,6 +189,7 @@ def _connect(address: str | None, search) -> None:
             flag = f"--{key.lower()}s-per-trial"
             raise UserError(f"{key.lower()}s_per_trial {asked:g} but the Ray cluster has {have.get(key, 0):g} "
                             f"{key}s; use {flag} {have.get(key, 0):g} or less, or add nodes")
+    return context
 
 
 def run(space: Space, *, name: str | None = None, results_root: str | Path = "results", storage: str | None = None,

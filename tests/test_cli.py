@@ -1,0 +1,252 @@
+"""Bad input gets one clear line, exit 2, no traceback, and nothing written; results are never lost;
+nothing untrusted is deserialized."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import cli, make_image_folder, tiny, write_space
+from tune_sota import recipe
+from tune_sota.cli import main
+from tune_sota.config import SPACES_DIR, Config, SearchSettings, write_atomic
+from tune_sota.data import load_rgb
+from tune_sota.preflight import check_data
+
+
+def run_main(capsys, *argv) -> tuple[int, str]:
+    """`tune-sota ARGV` in-process; the exit code and what it printed to stderr."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own exits
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tune-sota: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def folder_with(tmp_path, name, mutate):
+    root = make_image_folder(tmp_path / name, per_class=(4, 2), px=12)
+    mutate(root)
+    return root
+
+
+BAD_SPACES = {
+    "broken_yaml": ("lr: [0.1, 0.2\nepochs: 3\n", ["broken YAML at line"]),
+    "unknown_key": ("lr: 0.01\nmixupp: 0.2\n", ["unknown key 'mixupp'", "allowed: data, arch"]),
+    "wrong_type": ("epochs: five\n", ["epochs: 'five' is not an integer"]),
+    "empty_range": ("lr: {uniform: [0.01, 0.01]}\n", ["range [0.01, 0.01] is empty"]),
+    "inverted_range": ("lr: {loguniform: [0.1, 0.001]}\n", ["range [0.1, 0.001] is empty"]),
+    "empty_choice": ("mixup: {choice: []}\n", ["choice needs a non-empty list"]),
+    "unknown_distribution": ("mixup: {beta: [1, 2]}\n", ["unknown distribution 'beta'"]),
+    "grace_beyond_epochs": ("epochs: 3\nsearch: {grace_period: 5}\n", ["grace_period 5", "use 1..3"]),
+    "score_more_than_trials": ("search: {num_samples: 2, score_top: 3}\n", ["score_top 3", "at most 2"]),
+    "not_a_mapping": ("- lr\n- epochs\n", ["a space is a mapping"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SPACES, ids=str)
+def test_bad_space_files(case, tmp_path, capsys):
+    text, fragments = BAD_SPACES[case]
+    (tmp_path / "bad.yaml").write_text("data: digits\n" + text if not text.startswith("-") else text)
+    code, err = run_main(capsys, "search", "--space", tmp_path / "bad.yaml", "--results", tmp_path / "results")
+    assert_one_line_error(code, err, "bad.yaml", *fragments)
+    assert not (tmp_path / "results").exists()
+
+
+def _no_val(root):
+    import shutil
+
+    shutil.rmtree(root / "val")
+
+
+def _empty_class(root):
+    for f in (root / "train" / "green").iterdir():
+        f.unlink()
+
+
+def _single_class(root):
+    import shutil
+
+    for c in ("green", "blue"):
+        shutil.rmtree(root / "train" / c)
+        shutil.rmtree(root / "val" / c)
+
+
+def _all_unreadable(root):
+    for f in root.rglob("*.png"):
+        f.write_bytes(b"not an image at all")
+
+
+BAD_DATA = {
+    "no_val": (_no_val, ["has no val/ folder"]),
+    "class_without_images": (_empty_class, ["green has no images"]),
+    "single_class": (_single_class, ["has 1 class folder(s)", "at least 2"]),
+    "all_unreadable": (_all_unreadable, ["are unreadable", "fix or remove them"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA, ids=str)
+def test_bad_data_folders(case, tmp_path, capsys):
+    mutate, fragments = BAD_DATA[case]
+    root = folder_with(tmp_path, case, mutate)
+    space = write_space(tmp_path / "s.yaml", tiny(root))
+    code, err = run_main(capsys, "search", "--space", space, "--results", tmp_path / "results")
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["search", "--space", "no_such_space"], ["no search space named 'no_such_space'", "available: ", "quick"]),
+    (["search", "--space", "missing/space.yaml"], ["space file missing/space.yaml does not exist"]),
+    (["search", "--num-samples", "0"], ["--num-samples 0 is not allowed; must be in [1, 100000]"]),
+    (["search", "--num-samples", "-4"], ["--num-samples -4 is not allowed"]),
+    (["search", "--num-samples", "lots"], ["argument --num-samples: invalid int value: 'lots'"]),
+    (["search", "--cpus-per-trial", "0"], ["--cpus-per-trial 0.0 is not allowed"]),
+    (["search", "--address", "127.0.0.1:1"], ["--address 127.0.0.1:1: nothing answers there", "ray start --head"]),
+    (["search", "--address", "no-port-here"], ["expected HOST:PORT"]),
+    (["search", "--frobnicate"], ["unrecognized arguments: --frobnicate"]),
+    (["search", "--resume", "--name", "never_ran"], ["holds no search to resume"]),
+    (["train", "--config", SPACES_DIR / "quick.yaml"], ["still a distribution"]),
+    (["trials", "no/such/results"], ["is not a results folder"]),
+    ([], ["the following arguments are required: COMMAND"]),
+])
+def test_bad_command_lines(argv, fragments, tmp_path, capsys):
+    if argv[:1] == ["search"]:
+        argv = [*argv, "--results", tmp_path / "results"]
+    code, err = run_main(capsys, *argv)
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without GPUs")
+def test_gpus_asked_for_where_there_are_none(tmp_path, capsys, image_folder):
+    space = write_space(tmp_path / "s.yaml", tiny(image_folder))
+    code, err = run_main(capsys, "search", "--space", space, "--gpus-per-trial", "1", "--results", tmp_path / "r")
+    assert_one_line_error(code, err, "gpus_per_trial 1 but this machine has no CUDA GPU", "--gpus-per-trial 0")
+    assert not (tmp_path / "r").exists()
+
+
+def test_one_line_error_end_to_end_without_traceback(tmp_path):
+    """The same promise through the installed entry point, as a user meets it."""
+    (tmp_path / "typo.yaml").write_text("data: digits\nlr: {loguniform: [0.1, 0.01]}\n")
+    run = cli("search", "--space", tmp_path / "typo.yaml", "--results", tmp_path / "results")
+    assert run.returncode == 2 and run.stdout == ""
+    expected = f"{tmp_path / 'typo.yaml'}: lr: loguniform range [0.1, 0.01] is empty; low must be below high"
+    assert run.stderr.strip().splitlines() == [f"tune-sota: error: {expected}"]
+
+
+def test_help_explains_every_command():
+    for argv, words in ((["--help"], ["search", "train", "trials", "examples:"]),
+                        (["search", "--help"], ["--space", "--resume", "--address", "--storage", "default: quick"]),
+                        (["train", "--help"], ["--config", "TTA", "best.yaml"]),
+                        (["trials", "--help"], ["RESULTS_DIR", "--history", "load_trials"])):
+        run = cli(*argv)
+        assert run.returncode == 0 and run.stdout.startswith("usage: tune-sota"), run.stderr
+        assert all(w in run.stdout for w in words), (argv, run.stdout)
+
+
+# --- data that is odd but usable -------------------------------------------------------------------
+
+def _save_modes(folder):
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("L").save(folder / "gray.png")
+    Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray((rng.integers(0, 65535, (12, 12))).astype(np.uint16)).save(folder / "deep16.png")
+
+
+def test_non_rgb_images_become_rgb(tmp_path):
+    _save_modes(tmp_path)
+    for f in tmp_path.iterdir():
+        im = load_rgb(f)
+        assert im.mode == "RGB" and im.size == (12, 12), f.name
+    deep = np.asarray(load_rgb(tmp_path / "deep16.png"))
+    assert 60 < deep.mean() < 200, "16-bit scaled to 8-bit, not clipped to white"
+
+
+def test_a_few_unreadable_or_non_rgb_files_train_on_and_are_reported(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "mixed", per_class=(8, 3), px=16)
+    for c in ("red", "green"):
+        _save_modes(root / "train" / c)
+    (root / "train" / "blue" / "broken.png").write_bytes(b"\x89PNG garbage")
+    check_data(str(root), out=print)
+    said = capsys.readouterr().out
+    assert "skipping 1 unreadable image(s)" in said and "broken.png" in said
+    reports = []
+    recipe.train(Config(**tiny(root, epochs=1)), cpus=1, on_epoch=lambda r, _: reports.append(r))
+    assert len(reports) == 1 and reports[0].accuracy >= 0
+
+
+# --- nothing lost ----------------------------------------------------------------------------------
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "best.yaml"
+    write_atomic(target, "old: 1\n")
+    with pytest.raises(TypeError):
+        write_atomic(target, object())  # fails mid-write
+    assert target.read_text() == "old: 1\n" and [p.name for p in tmp_path.iterdir()] == ["best.yaml"]
+
+
+@pytest.mark.slow
+def test_a_taken_name_gets_a_new_one_and_the_old_results_stay(tmp_path, image_folder):
+    taken = tmp_path / "results" / "keep"
+    taken.mkdir(parents=True)
+    (taken / "best.yaml").write_text("precious: true\n")
+    space = write_space(tmp_path / "keep.yaml", tiny(image_folder, epochs=1), {"num_samples": 1})
+    run = cli("search", "--space", space, "--results", tmp_path / "results")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert (taken / "best.yaml").read_text() == "precious: true\n"
+    assert (tmp_path / "results" / "keep-2" / "best.yaml").is_file()
+    assert "'keep' was taken, so this search is 'keep-2'" in run.stdout
+
+
+# --- security --------------------------------------------------------------------------------------
+
+def test_yaml_cannot_construct_python_objects(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil.yaml").write_text(f"lr: !!python/object/apply:os.system ['touch {marker}']\n")
+    code, err = run_main(capsys, "search", "--space", tmp_path / "evil.yaml", "--results", tmp_path / "r")
+    assert_one_line_error(code, err, "broken YAML")
+    assert not marker.exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoints_load_tensors_only(image_folder):
+    learn = recipe.build_learner(Config(**tiny(image_folder)), recipe.make_dataloaders(
+        Config(**tiny(image_folder)), workers=0, device=torch.device("cpu")))
+    buf = io.BytesIO()
+    torch.save({"model": learn.model.state_dict(), "opt": None, "epoch": 1, "extra": _Payload()}, buf)
+    with pytest.raises(pickle.UnpicklingError):
+        recipe.load_state(learn, buf.getvalue())
+    assert recipe.load_state(learn, recipe.save_state(learn, 3)) == 3
+
+
+def test_ray_dashboard_stays_off():
+    import ray
+
+    from tune_sota.search import _connect
+
+    context = _connect(None, SearchSettings())
+    try:
+        assert not context.dashboard_url
+    finally:
+        ray.shutdown()
