@@ -92,3 +92,14 @@ def test_every_search_space_loads_and_resolves(path):
     for pick in (0, -1):  # the low and high ends of every distribution make valid configs
         sampled = {k: (d.args[pick]) for k, d in space.searched.items()}
         space.resolve(sampled)
+
+
+def test_readme_documents_every_field():
+    import dataclasses
+
+    from tune_sota.config import SearchSettings
+
+    readme = (SPACES_DIR.parent / "README.md").read_text()
+    for cls in (Config, SearchSettings):
+        for f in dataclasses.fields(cls):
+            assert f"| `{f.name}` |" in readme, f"README's tables lack {cls.__name__}.{f.name}"
