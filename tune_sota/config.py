@@ -153,10 +153,6 @@ class Dist:
     def to_yaml(self):
         return {self.kind: list(self.args)}
 
-    def values(self) -> list:
-        """The finite values a choice can take; bounds for the others (for validation)."""
-        return list(self.args)
-
 
 DIST_KINDS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None}
 
@@ -173,6 +169,11 @@ class Space:
     @property
     def searched(self) -> dict[str, Dist]:
         return {k: v for k, v in self.values.items() if isinstance(v, Dist)}
+
+    def options(self, key: str) -> list:
+        """The values `key` can take: its choices, or its one value (the schema default if unset)."""
+        v = self.values.get(key, getattr(Config, key))
+        return list(v.args) if isinstance(v, Dist) else [v]
 
     def fixed(self) -> Config:
         """The space as one `Config`; an error if anything is still a distribution."""
@@ -278,13 +279,10 @@ def parse_space(raw: Any, *, name: str = "space", source: str = "<dict>") -> Spa
 
 def _check_cross_fields(space: Space, where: str):
     """Check the rules that tie fields together on every combination a choice can make."""
-    options = []
-    for key in ("size", "resize"):
-        v = space.values.get(key, getattr(Config, key))
-        if isinstance(v, Dist) and v.kind != "choice":
-            return  # a sampled size cannot be checked ahead; Config checks each sample
-        options.append(v.values() if isinstance(v, Dist) else [v])
-    for size, resize in itertools.product(*options):
+    keys = ("size", "resize")
+    if any(isinstance(space.values.get(k), Dist) and space.values[k].kind != "choice" for k in keys):
+        return  # a sampled size cannot be checked ahead; Config checks each sample
+    for size, resize in itertools.product(*(space.options(k) for k in keys)):
         try:
             fixed = {k: v for k, v in space.values.items() if not isinstance(v, Dist)}
             Config(**{**fixed, "size": size, "resize": resize})

@@ -137,8 +137,7 @@ def check_address(address: str | None) -> None:
 def check(space: Space, address: str | None = None, out=print) -> None:
     """Every check that can run before Ray starts."""
     check_search(space)
-    data = space.values.get("data", Config.data)
-    for d in data.args if isinstance(data, Dist) else [data]:
+    for d in space.options("data"):
         check_data(d, out)
     check_gpus(space.search.gpus_per_trial, address)
     check_address(address)

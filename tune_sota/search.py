@@ -159,11 +159,6 @@ class Outcome:
     renamed_from: str | None = None
 
 
-def _data_values(space: Space) -> list[str]:
-    v = space.values.get("data", Config.data)
-    return list(v.args) if isinstance(v, Dist) else [v]
-
-
 def _connect(address: str | None, search):
     """Start local Ray or join a cluster; the dashboard stays off (it would listen on the network)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our Progress lines replace Ray's status tables
@@ -192,11 +187,11 @@ def _connect(address: str | None, search):
     return context
 
 
-def run(space: Space, *, name: str | None = None, results_root: str | Path = "results", storage: str | None = None,
-        address: str | None = None, resume: bool = False, command: str = "", out=print) -> Outcome:
-    """Run (or resume) a search over `space`, score the best trials with TTA, and write the results."""
-    t0 = time.time()
-    results_root = Path(results_root).resolve()
+def _locate(space: Space, name: str | None, results_root: Path, storage: str | None, resume: bool):
+    """Where this search lives: (space, name, the name it replaced, results folder, Ray storage).
+
+    A new search never takes a name in use; a resumed one takes its space and storage from its folder.
+    """
     name = name or space.name
     renamed_from = None
     if resume:
@@ -214,21 +209,30 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
     storage = storage or str(results_root)
     if "://" not in storage:
         storage = str(Path(storage).resolve())
+    return space, name, renamed_from, results_dir, storage
+
+
+def run(space: Space, *, name: str | None = None, results_root: str | Path = "results", storage: str | None = None,
+        address: str | None = None, resume: bool = False, command: str = "", out=print) -> Outcome:
+    """Run (or resume) a search over `space`, score the best trials with TTA, and write the results."""
+    t0 = time.time()
+    space, name, renamed_from, results_dir, storage = _locate(space, name, Path(results_root).resolve(), storage,
+                                                             resume)
     preflight.check(space, address, out)
-    searched = list(space.searched)
-    if not resume:
-        results_dir.mkdir(parents=True)
-        write_atomic(results_dir / "space.yaml", space_to_yaml(space.values, space.search))
-        write_atomic(results_dir / "run.yaml", yaml.safe_dump({
-            "command": command, "name": name, "storage": storage, "experiment": f"{storage.rstrip('/')}/{name}",
-            "searched": searched, "versions": versions()}, sort_keys=False))
-    for d in _data_values(space):  # download or write the data once here, not in every trial
+    for d in space.options("data"):  # download or write the data once here, not in every trial
         if not Path(d).expanduser().exists():
             data.prepare_source(d)
-
+    searched = list(space.searched)
     s = space.search
-    _connect(address, s)
+    _connect(address, s)  # before anything is written: a cluster without the asked GPUs is an error
     try:
+        if not resume:  # claim the name: from here on this folder is this search's
+            results_dir.mkdir(parents=True)
+            write_atomic(results_dir / "space.yaml", space_to_yaml(space.values, space.search))
+            write_atomic(results_dir / "run.yaml", yaml.safe_dump({
+                "command": command, "name": name, "storage": storage,
+                "experiment": f"{storage.rstrip('/')}/{name}", "searched": searched, "versions": versions()},
+                sort_keys=False))
         out(f"tune-sota: searching '{space.name}' as {name}: {s.num_samples} trials, "
             f"{', '.join(searched) or 'nothing'} searched; results in {results_dir}")
         fn = tune.with_resources(trainable.trial, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
