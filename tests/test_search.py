@@ -49,6 +49,7 @@ def test_trial_table(searched):
     for col in ("trial_id", "status", *ALL_FIVE, "epochs_run", "accuracy", "best_accuracy", "valid_loss",
                 "time_s", "tta_accuracy"):
         assert col in trials.columns, col
+    assert trials.trial_id.map(type).eq(str).all() and trials.resize.isin(["16", "8>16"]).all()
     done = trials[trials.status == "completed"]
     assert (done.epochs_run == done.epochs).all()
     stopped = trials[trials.status == "stopped"]
@@ -97,7 +98,7 @@ def test_best_config_exports_and_retrains(searched):
     assert best["result"]["accuracy"] == pytest.approx(top.accuracy)
     assert 0 <= best["result"]["tta_accuracy"] <= 1 and best["result"]["versions"]["ray"]
     cfg = parse_space(best).fixed()  # a config is a space with nothing left to sample
-    assert cfg.lr == pytest.approx(top.lr) and cfg.resize == str(top.resize)
+    assert cfg.lr == pytest.approx(top.lr) and cfg.resize == top.resize
     run = cli("train", "--config", folder / "best.yaml")
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"epoch {cfg.epochs}/{cfg.epochs}" in run.stdout and "with TTA" in run.stdout

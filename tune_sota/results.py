@@ -8,13 +8,14 @@ experiment folder (trial folders, checkpoints) is the same folder.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from tune_sota.config import UserError
+from tune_sota.config import Config, UserError
 
 COMPLETED, STOPPED, ERROR, DIVERGED, UNFINISHED = "completed", "stopped", "error", "diverged", "unfinished"
 STATUS_HELP = {
@@ -91,11 +92,22 @@ def _results_dir(results_dir) -> Path:
     return p
 
 
+# Read back as text whatever is text, so that a trial id like "00123456" or a schedule like "32" stays so.
+TEXT_COLUMNS = {"trial_id", "status", "error", "node", "path"} | {
+    f.name for f in dataclasses.fields(Config) if f.type == "str"}
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    columns = pd.read_csv(path, nrows=0).columns
+    frame = pd.read_csv(path, dtype={c: str for c in columns if c in TEXT_COLUMNS})
+    return frame.fillna({c: "" for c in ("error", "node") if c in columns})
+
+
 def load_trials(results_dir) -> pd.DataFrame:
     """One row per trial: id, status, searched parameters, epochs planned/run, accuracies, loss, time."""
     p = _results_dir(results_dir)
     if (p / "trials.csv").is_file():
-        return pd.read_csv(p / "trials.csv", keep_default_na=True).fillna({"error": ""})
+        return _read_csv(p / "trials.csv")
     grid, searched = _ray_grid(p)
     return tables(grid, searched, finished=False)[0]
 
@@ -104,6 +116,6 @@ def load_history(results_dir) -> pd.DataFrame:
     """One row per trial per epoch: trial id, epoch, training size, accuracy and losses."""
     p = _results_dir(results_dir)
     if (p / "history.csv").is_file():
-        return pd.read_csv(p / "history.csv")
+        return _read_csv(p / "history.csv")
     grid, searched = _ray_grid(p)
     return tables(grid, searched, finished=False)[1]
