@@ -101,7 +101,10 @@ class Config:
     seed: int = _opt(42, "random seed of the run", _at_least(0))
     precision: str = _opt("auto", "auto = bf16 on CUDA, fp32 on CPU", _one_of("auto", "fp32", "bf16", "fp16"))
     workers: int = _opt(-1, "DataLoader worker processes; -1 = from the CPUs the trial was given", _at_least(-1))
-    pipeline: str = _opt("fastai", "data pipeline: fastai's per-item DataBlock", _one_of("fastai"))
+    pipeline: str = _opt("cached", "data pipeline: 'cached' decodes every image once into a uint8 cache that a "
+                         "node's trials share, then crops and flips whole batches (on the GPU if there is one); "
+                         "'fastai' is fastai's DataBlock (decode and presize per item in workers, chapter 7's "
+                         "aug_transforms per batch)", _one_of("cached", "fastai"))
 
     def __post_init__(self):
         for f in fields(self):

@@ -43,9 +43,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNE_SOTA_CACHE") or Path.home() / ".cache" / "tune_sota")
 
 
-def prepare_source(data: str) -> Path:
-    """The image folder (with train/ and val/) for `data`, writing or downloading it if needed."""
-    preflight.check_data(data, out=lambda *_: None)
+def prepare_source(data: str, *, scan: bool = True) -> Path:
+    """The image folder (with train/ and val/) for `data`, writing or downloading it if needed.
+
+    `scan=False` skips reading every image header of an existing folder (seconds for Imagenette), for
+    callers that scan it themselves when they need to: the cache does, when it decodes.
+    """
+    if scan or not Path(data).expanduser().is_dir():
+        preflight.check_data(data, out=lambda *_: None)
     if data == "digits":
         return digits_folder()
     if data in DOWNLOADS:
@@ -147,9 +152,10 @@ def fastai_dataloaders(cfg: Config, root: Path, *, workers: int, device: torch.d
     return with_batch_tfms(cfg, dls)
 
 
-def with_batch_tfms(cfg: Config, dls: DataLoaders) -> DataLoaders:
-    """Give train and validation their own augmentation pipelines, validation at the final size."""
+def with_batch_tfms(cfg: Config, dls: DataLoaders, tfms=batch_tfms) -> DataLoaders:
+    """Give train and validation their own augmentation pipelines (`tfms(cfg, size, stats)`), validation
+    at the final size."""
     stats = normalization(cfg, dls)
-    dls.train.after_batch = Pipeline(batch_tfms(cfg, cfg.stages[0][0], stats))
-    dls.valid.after_batch = Pipeline(batch_tfms(cfg, cfg.size, stats))
+    dls.train.after_batch = Pipeline(tfms(cfg, cfg.stages[0][0], stats))
+    dls.valid.after_batch = Pipeline(tfms(cfg, cfg.size, stats))
     return dls

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from fastai.callback.channelslast import ChannelsLast  # noqa: F401  (patches Learner.to_channelslast)
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision  # noqa: F401  (patches Learner.to_bf16 / to_fp16)
 from fastai.callback.mixup import MixUp
@@ -26,7 +27,7 @@ from fastai.torch_core import set_seed
 from fastai.vision.models import xresnet
 from fastcore.foundation import L
 
-from tune_sota import data
+from tune_sota import cache, data
 from tune_sota.config import Config
 from tune_sota.schedule import size_at_epoch
 
@@ -121,11 +122,14 @@ def build_learner(cfg: Config, dls) -> Learner:
             learn.to_bf16()
         elif precision == "fp16":
             learn.to_fp16()
+        learn.to_channelslast(use_amp=False)  # NHWC convolutions on tensor cores; precision is set above
     return learn
 
 
 def make_dataloaders(cfg: Config, *, workers: int, device: torch.device):
     """The DataLoaders for `cfg`, preparing the data source first if needed."""
+    if cfg.pipeline == "cached":  # batches are gathered in-process from decoded memory: no workers to feed it
+        return cache.cached_dataloaders(cfg, data.prepare_source(cfg.data, scan=False), device=device)
     root = data.prepare_source(cfg.data)
     return data.fastai_dataloaders(cfg, root, workers=workers, device=device)
 

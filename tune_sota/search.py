@@ -245,7 +245,7 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
                                run_config=run_config(space, name, storage, out))
         grid = tuner.fit()
         trials, history = results.tables(grid, searched, finished=True)
-        best_row, best = _score_best(grid, trials, space, out)
+        best_row, best = _score_best(grid, trials, space, out, local=address is None)
     finally:
         ray.shutdown()
 
@@ -274,7 +274,10 @@ def tune_config(space: Space, results_dir: Path) -> tune.TuneConfig:
                               reduction_factor=s.reduction_factor)
     return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
                            num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent or None,
-                           trial_dirname_creator=trial_dirname)
+                           trial_dirname_creator=trial_dirname,
+                           # A trial after the first starts in the process of one that finished: no
+                           # new worker importing torch and fastai (seconds each on a small machine).
+                           reuse_actors=True)
 
 
 def run_config(space: Space, name: str, storage: str, out) -> tune.RunConfig:
@@ -287,8 +290,9 @@ def run_config(space: Space, name: str, storage: str, out) -> tune.RunConfig:
     )
 
 
-def _score_best(grid, trials: pd.DataFrame, space: Space, out) -> tuple[dict, Config | None]:
-    """TTA-score the top completed trials from their last checkpoints; the best by plain accuracy wins."""
+def _score_best(grid, trials: pd.DataFrame, space: Space, out, *, local: bool) -> tuple[dict, Config | None]:
+    """TTA-score the top completed trials from their last checkpoints; the best by plain accuracy wins.
+    `local`: Ray runs on this machine only, so score here rather than in a new Ray worker."""
     done = trials[trials.status == results.COMPLETED]
     if done.empty:
         return {}, None
@@ -296,11 +300,15 @@ def _score_best(grid, trials: pd.DataFrame, space: Space, out) -> tuple[dict, Co
     top = done.head(space.search.score_top)
     s = space.search
     out(f"tune-sota: scoring the best {len(top)} trial(s) with test-time augmentation")
-    refs = {i: trainable.score_remote(by_path[row.path].config, by_path[row.path].checkpoint,
-                                      cpus=s.cpus_per_trial, gpus=s.gpus_per_trial)
-            for i, row in top.iterrows()}
-    for i, ref in refs.items():
-        trials.loc[i, "tta_accuracy"] = ray.get(ref)["tta_accuracy"]
+    runs = {i: (by_path[row.path].config, by_path[row.path].checkpoint) for i, row in top.iterrows()}
+    if local:  # this process has fastai loaded and the trials' resources are free: no worker to start
+        scores = {i: trainable.score(config, ckpt) for i, (config, ckpt) in runs.items()}  # with every CPU
+    else:  # on the cluster's nodes, where the GPUs are
+        refs = {i: trainable.score_remote(config, ckpt, cpus=s.cpus_per_trial, gpus=s.gpus_per_trial)
+                for i, (config, ckpt) in runs.items()}
+        scores = {i: ray.get(ref) for i, ref in refs.items()}
+    for i, scored in scores.items():
+        trials.loc[i, "tta_accuracy"] = scored["tta_accuracy"]
     best_row = trials.loc[top.index[0]].to_dict()
     best = space.resolve({k: by_path[best_row["path"]].config[k] for k in space.searched})
     return best_row, best

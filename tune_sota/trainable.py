@@ -1,5 +1,5 @@
-"""The Ray Tune side of a trial: a thin function trainable around `recipe.train`, and the remote
-task that re-scores a finished trial's checkpoint with TTA.
+"""The Ray Tune side of a trial: a thin function trainable around `recipe.train`, and the scoring
+of a finished trial's checkpoint with TTA (here, or as a Ray task on a cluster's node).
 
 It lives in the package (not a script) so that Ray workers import it, and with it the fastai
 modules whose import patches `Learner` (fit_one_cycle, tta, to_bf16).
@@ -7,6 +7,7 @@ modules whose import patches `Learner` (fit_one_cycle, tta, to_bf16).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import ray
+import torch
 from ray import tune
 
 from tune_sota import recipe
@@ -38,6 +40,11 @@ def trial(config: dict) -> None:
     """
     warnings.filterwarnings("ignore", category=UserWarning)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch
+    # Trials reuse their actors (search.tune_config): free the last trial's Learner, whose callbacks
+    # make reference cycles, and the GPU memory it held, before this one allocates its own.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     cfg = Config(**config)
     blob, restored = None, {}
     if (ckpt := tune.get_checkpoint()) is not None:
@@ -78,13 +85,18 @@ def trial(config: dict) -> None:
                      "error": message, **where})
 
 
-def _score(config: dict, checkpoint: tune.Checkpoint) -> dict[str, float]:
-    warnings.filterwarnings("ignore")
+def score(config: dict, checkpoint: tune.Checkpoint, cpus: float | None = None) -> dict[str, float]:
+    """Plain and TTA accuracy of a trial's checkpoint, in this process."""
     with checkpoint.as_directory() as d:
         blob = (Path(d) / STATE_FILE).read_bytes()
-    return recipe.evaluate(Config(**config), blob, cpus=_assigned_cpus())
+    return recipe.evaluate(Config(**config), blob, cpus=cpus)
+
+
+def _score_task(config: dict, checkpoint: tune.Checkpoint) -> dict[str, float]:
+    warnings.filterwarnings("ignore")
+    return score(config, checkpoint, _assigned_cpus())
 
 
 def score_remote(config: dict, checkpoint: tune.Checkpoint, *, cpus: float, gpus: float) -> ray.ObjectRef:
     """Score a trial's checkpoint plainly and with TTA, on a worker with the trial's resources."""
-    return ray.remote(num_cpus=cpus, num_gpus=gpus)(_score).remote(config, checkpoint)
+    return ray.remote(num_cpus=cpus, num_gpus=gpus)(_score_task).remote(config, checkpoint)

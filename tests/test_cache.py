@@ -1,0 +1,134 @@
+"""The decode-once cache and its DataLoaders, on image folders the tests make themselves."""
+
+import json
+import multiprocessing
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, make_image_folder, tiny
+from fastai.vision.augment import Resize
+from fastai.vision.core import PILImage
+from PIL import Image
+
+from tune_sota import cache, data, preflight
+from tune_sota.config import Config, UserError
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_image_folder(tmp_path / "src", per_class=(5, 3), px=24)
+
+
+def test_built_once_then_reused(folder):
+    first = cache.build(folder, 20)
+    stamp = (first / "train.npy").stat().st_mtime_ns
+    again = cache.build(folder, 20)
+    assert again == first and (again / "train.npy").stat().st_mtime_ns == stamp
+    assert [p.name for p in first.parent.iterdir() if p.name.startswith(first.name)] == [first.name]
+    assert cache.build(folder, 16) != first  # another presize is another cache
+
+
+def test_labels_pixels_and_class_order_are_the_folders(folder):
+    train, valid = cache.load(cache.build(folder, 20))
+    found = preflight.scan(folder)
+    assert list(train.vocab) == sorted(CLASSES) == found.classes
+    for ds, split in ((train, "train"), (valid, "val")):
+        files = found.splits[split]
+        assert ds.x.shape == (len(files), 3, 20, 20) and ds.x.dtype == torch.uint8
+        assert ds.y.tolist() == [y for _, y in files]
+        assert all(p.parent.name == found.classes[y] for p, y in files)
+        for i, (p, _) in enumerate(files):
+            assert torch.equal(ds.x[i], torch.from_numpy(cache.decode(p, 20).copy()))
+    fastai_dls = data.fastai_dataloaders(Config(**tiny(folder), pipeline="fastai"), folder, workers=0,
+                                         device=torch.device("cpu"))
+    assert list(fastai_dls.vocab) == list(train.vocab)
+
+
+def test_rebuilt_when_a_source_image_changes(folder):
+    before = cache.build(folder, 20)
+    changed = sorted((folder / "val" / "red").iterdir())[0]
+    Image.new("RGB", (24, 24), (1, 2, 3)).save(changed)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new mtime even on coarse clocks
+    after = cache.build(folder, 20)
+    assert after != before
+    _, valid = cache.load(after)
+    i = [p for p, _ in preflight.scan(folder).splits["val"]].index(changed)
+    assert valid.x[i, :, 0, 0].tolist() == [1, 2, 3]
+
+
+def test_non_square_images_are_centre_cropped_like_fastai_resize(tmp_path):
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for c in CLASSES[:2]:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i, (w, h) in enumerate([(40, 24), (24, 37)]):
+                Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    train, _ = cache.load(cache.build(tmp_path, 16))
+    assert train.x.shape == (4, 3, 16, 16)
+    for i, (p, _) in enumerate(preflight.scan(tmp_path).splits["train"]):
+        want = np.asarray(Resize(16)(PILImage.create(p), split_idx=1)).transpose(2, 0, 1)
+        assert np.array_equal(train.x[i].numpy(), want)
+
+
+def _build_at_once(barrier, root, out):
+    barrier.wait()  # both processes start building together
+    out.put(str(cache.build(root, 20)))
+
+
+def test_two_processes_build_one_cache(tmp_path):
+    src = make_image_folder(tmp_path / "raced", per_class=(40, 10), px=48)
+    ctx = multiprocessing.get_context("fork")  # separate processes, without re-importing fastai in each
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_build_at_once, args=(barrier, src, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert out.get() == out.get() == str(cache.cache_path(src, 20))
+    built = [p.name for p in data.cache_dir().joinpath("decoded").iterdir() if p.is_dir() and src.name in p.name]
+    assert built == [cache.cache_path(src, 20).name]  # one cache, no half-built folder left behind
+    train, valid = cache.load(cache.cache_path(src, 20))
+    files = preflight.scan(src).splits["val"]
+    assert valid.y.tolist() == [y for _, y in files] and len(train) == 120
+    assert all(torch.equal(valid.x[i], torch.from_numpy(cache.decode(p, 20).copy())) for i, (p, _) in enumerate(files))
+
+
+def test_cached_dataloaders_augment_train_and_tta_but_not_validation(folder):
+    cfg = Config(**tiny(folder, batch_size=4, resize="8>16"))
+    dls = cache.cached_dataloaders(cfg, folder, device=torch.device("cpu"))
+    assert dls.c == 3 and dls.n_inp == 1
+    x, y = dls.train.one_batch()
+    assert x.shape == (4, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    data.set_train_size(dls, 16)
+    assert dls.train.one_batch()[0].shape[-1] == 16 and dls.valid.one_batch()[0].shape[-1] == 16
+    plain = torch.cat([b[0] for b in dls.valid])
+    assert torch.equal(plain, torch.cat([b[0] for b in dls.valid]))  # validation is deterministic
+    with dls.valid.dataset.set_split_idx(0):  # what Learner.tta does: training augmentation on valid
+        augmented = torch.cat([b[0] for b in dls.valid])
+    assert augmented.shape == plain.shape and not torch.equal(augmented, plain)
+    assert dls.valid.dataset.split_idx == 1
+
+
+def test_a_few_undecodable_images_are_skipped_and_mostly_undecodable_data_is_an_error(tmp_path):
+    src = make_image_folder(tmp_path / "cut", per_class=(6, 3), px=24)
+    cut = sorted((src / "train" / "green").iterdir())[:2]
+    for f in cut:  # headers intact, pixel data cut off: passes the scan, fails to decode
+        f.write_bytes(f.read_bytes()[:60])
+    folder = cache.build(src, 20)
+    train, valid = cache.load(folder)
+    kept = [(p, y) for p, y in preflight.scan(src).splits["train"] if p not in cut]
+    assert train.y.tolist() == [y for _, y in kept] and len(valid) == 9
+    assert all(torch.equal(train.x[i], torch.from_numpy(cache.decode(p, 20).copy())) for i, (p, _) in enumerate(kept))
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["counts"] == {"train": 16, "val": 9}
+    assert sorted(meta["skipped"]) == [f"train/green/{f.name}" for f in cut]
+
+    for f in (src / "val").rglob("*.png"):
+        f.write_bytes(f.read_bytes()[:60])
+    with pytest.raises(UserError, match=r"9 of 9 images in .*val could not be decoded"):
+        cache.build(src, 20)
+    assert not [p for p in folder.parent.iterdir() if ".tmp" in p.name], "no half-built cache left behind"
