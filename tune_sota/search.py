@@ -41,12 +41,18 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     def __init__(self, *args, study_log: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.study_log = study_log
+        self._steps: dict[str, set[int]] = {}  # intermediate values already told, per trial
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        super().on_trial_result(trial_id, result)
+        self._steps.setdefault(trial_id, set()).add(result["training_iteration"])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         known = trial_id in self._ot_trials and trial_id not in self._completed_trials
-        if known and result and not result.get("error") and not result.get("diverged"):
-            # Tune hands the last result (including the one ASHA stopped on) only to this method,
-            # never to on_trial_result: record it as an intermediate value too.
+        if known and result and not result.get("error") and not result.get("diverged") and \
+                result["training_iteration"] not in self._steps.get(trial_id, ()):
+            # Tune hands the result that ASHA stopped a trial on only to this method, never to
+            # on_trial_result: record it as an intermediate value too.
             self._ot_trials[trial_id].report(result[self.metric], result["training_iteration"])
         if known and (error or (result or {}).get("error") or (result or {}).get("diverged")):
             self._tell(trial_id, TrialState.FAIL)
