@@ -12,8 +12,9 @@ from tune_sota import recipe
 from tune_sota.config import Config
 
 
-def test_progressive_resizing_with_validation_at_final_size(image_folder):
-    cfg = Config(**tiny(image_folder, epochs=3, resize="8>12>16", mixup=0.2, label_smoothing=0.1))
+@pytest.mark.parametrize("pipeline", ["cached", "fastai"])
+def test_progressive_resizing_with_validation_at_final_size(image_folder, pipeline):
+    cfg = Config(**tiny(image_folder, epochs=3, resize="8>12>16", mixup=0.2, label_smoothing=0.1, pipeline=pipeline))
     seen = []
 
     def on_epoch(r, learn):

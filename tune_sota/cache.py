@@ -136,8 +136,8 @@ def _decode_into(folder: Path, root: Path, found: preflight.Scan, presize: int) 
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes and resizes without the GIL
             ok = np.array(list(pool.map(one, range(len(items)))), dtype=bool)
         bad = [items[i][0] for i in np.flatnonzero(~ok)]
-        if len(bad) + sum(p.relative_to(root).parts[0] == split for p in found.unreadable) > \
-                preflight.MOSTLY_UNREADABLE * (len(items) + len(found.unreadable)):
+        unreadable = sum(p.relative_to(root).parts[0] == split for p in found.unreadable)  # skipped by the scan
+        if len(bad) + unreadable > preflight.MOSTLY_UNREADABLE * (len(items) + unreadable):
             raise UserError(f"data: {len(bad)} of {len(items)} images in {root / split} could not be decoded "
                             f"(first: {', '.join(p.name for p in bad[:3])}); fix or remove them")
         if bad:  # keep the decoded rows only, so that row i is still image i of the labels
