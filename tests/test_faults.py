@@ -28,11 +28,12 @@ def slower_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def cluster():
-    """A head and a worker node: two raylets on this machine, as `ray start` would make on two."""
+def cluster(request):
+    """A head and a worker node: two raylets on this machine, as `ray start` would make on two. The
+    head has 2 CPUs unless the test asks for another number (indirect parametrization)."""
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": getattr(request, "param", 2)})
     worker = c.add_node(num_cpus=1)
     c.wait_for_nodes()
     yield c, worker
@@ -64,10 +65,13 @@ def _popen(*args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def test_multi_node_search_writes_everything_to_shared_storage(cluster, tmp_path, image_folder):
+# One CPU per node: the two trials that start together cannot both run on the head. (With a bigger
+# head, reused actors can run every short trial there.)
+@pytest.mark.parametrize("cluster", [1], indirect=True)
+def test_multi_node_search_writes_everything_to_shared_storage(cluster, tmp_path, slower_folder):
     c, _ = cluster
-    space = write_space(tmp_path / "multi.yaml", {**tiny(image_folder, epochs=3), "lr": {"loguniform": [1e-3, 1e-2]}},
-                        {"num_samples": 4, "max_concurrent": 3, "cpus_per_trial": 1, "grace_period": 3})
+    space = write_space(tmp_path / "multi.yaml", {**tiny(slower_folder, epochs=3), "lr": {"loguniform": [1e-3, 1e-2]}},
+                        {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "grace_period": 3})
     run = cli("search", "--space", space, "--address", c.address, "--storage", tmp_path / "shared",
               "--results", tmp_path / "results")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
