@@ -43,14 +43,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNE_SOTA_CACHE") or Path.home() / ".cache" / "tune_sota")
 
 
-def prepare_source(data: str, *, scan: bool = True) -> Path:
+def prepare_source(data: str) -> Path:
     """The image folder (with train/ and val/) for `data`, writing or downloading it if needed.
 
-    `scan=False` skips reading every image header of an existing folder (seconds for Imagenette), for
-    callers that scan it themselves when they need to: the cache does, when it decodes.
+    An existing folder is not scanned here: reading every image header takes seconds for Imagenette,
+    and both pipelines scan what they read (fastai's for its items, the cache when it decodes).
     """
-    if scan or not Path(data).expanduser().is_dir():
-        preflight.check_data(data, out=lambda *_: None)
+    if not Path(data).expanduser().is_dir():
+        preflight.check_data(data, out=lambda *_: None)  # a known name, or one line saying what is wrong
     if data == "digits":
         return digits_folder()
     if data in DOWNLOADS:

@@ -128,9 +128,9 @@ def build_learner(cfg: Config, dls) -> Learner:
 
 def make_dataloaders(cfg: Config, *, workers: int, device: torch.device):
     """The DataLoaders for `cfg`, preparing the data source first if needed."""
-    if cfg.pipeline == "cached":  # batches are gathered in-process from decoded memory: no workers to feed it
-        return cache.cached_dataloaders(cfg, data.prepare_source(cfg.data, scan=False), device=device)
     root = data.prepare_source(cfg.data)
+    if cfg.pipeline == "cached":  # batches are gathered in-process from decoded memory: no workers to feed it
+        return cache.cached_dataloaders(cfg, root, device=device)
     return data.fastai_dataloaders(cfg, root, workers=workers, device=device)
 
 
