@@ -7,13 +7,13 @@ Light imports only (no fastai, no Ray): `tune-sota` answers bad input at once.
 from __future__ import annotations
 
 import mimetypes
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from tune_sota import cluster
 from tune_sota.config import Config, Dist, Space, UserError
 
 DOWNLOADS = ("imagenette2", "imagenette2-160", "imagenette2-320", "imagewoof2", "imagewoof2-160", "imagewoof2-320")
@@ -120,24 +120,10 @@ def check_gpus(gpus_per_trial: float, address: str | None) -> None:
                         f"--gpus-per-trial 0, or --address to join a cluster with GPUs")
 
 
-def check_address(address: str | None) -> None:
-    """An explicit HOST:PORT must answer before Ray is asked to join it (Ray would retry for minutes)."""
-    if not address or address in ("auto", "local") or address.startswith("ray://"):
-        return
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--address {address}: expected HOST:PORT of a Ray head node, e.g. 10.0.0.1:6379, or 'auto'")
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except OSError as e:
-        raise UserError(f"--address {address}: nothing answers there ({e.strerror or e}); start the head with "
-                        f"`ray start --head --port {port}`, or drop --address for local Ray") from None
-
-
 def check(space: Space, address: str | None = None, out=print) -> None:
     """Every check that can run before Ray starts."""
     check_search(space)
     for d in space.options("data"):
         check_data(d, out)
     check_gpus(space.search.gpus_per_trial, address)
-    check_address(address)
+    cluster.check_address(address)

@@ -5,9 +5,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
 import platform
 import sys
 import time
@@ -23,7 +21,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from tune_sota import data, preflight, results, trainable
+from tune_sota import cluster, data, preflight, results, trainable
 from tune_sota.config import Config, Dist, Space, UserError, parse_space, space_to_yaml, write_atomic
 
 METRIC, MODE = "accuracy", "max"
@@ -165,32 +163,8 @@ class Outcome:
     renamed_from: str | None = None
 
 
-def _connect(address: str | None, search):
-    """Start local Ray or join a cluster; the dashboard stays off (it would listen on the network)."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our Progress lines replace Ray's status tables
-    # Save the experiment's state (trials, searcher, scheduler) every few seconds, so that a killed
-    # driver loses at most that much on --resume; the state is small next to a trial's checkpoint.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    quiet_workers = {"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}}
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True,
-                  runtime_env=quiet_workers)
-    if address:
-        try:
-            context = ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"--address {address}: cannot reach a Ray cluster there ({str(e).splitlines()[0]}); "
-                            f"start one with `ray start --head` or drop --address for local Ray") from None
-    else:
-        context = ray.init(**kwargs)
-    have = ray.cluster_resources()
-    for key, asked in (("GPU", search.gpus_per_trial), ("CPU", search.cpus_per_trial)):
-        if asked > have.get(key, 0):  # Ray would otherwise wait forever for a node that never comes
-            ray.shutdown()
-            flag = f"--{key.lower()}s-per-trial"
-            raise UserError(f"{key.lower()}s_per_trial {asked:g} but the Ray cluster has {have.get(key, 0):g} "
-                            f"{key}s; use {flag} {have.get(key, 0):g} or less, or add nodes")
-    return context
+# Kept for callers of the old name; the code lives in tune_sota.cluster.
+_connect = cluster.connect
 
 
 def _locate(space: Space, name: str | None, results_root: Path, storage: str | None, resume: bool):
@@ -230,7 +204,7 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
             data.prepare_source(d)
     searched = list(space.searched)
     s = space.search
-    _connect(address, s)  # before anything is written: a cluster without the asked GPUs is an error
+    cluster.connect(address, s)  # before anything is written: a cluster without the asked GPUs is an error
     try:
         if not resume:  # claim the name: from here on this folder is this search's
             results_dir.mkdir(parents=True)
