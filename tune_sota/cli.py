@@ -1,4 +1,5 @@
-"""The `tune-sota` command: `search`, `train`, `trials`. User mistakes print one line and exit 2."""
+"""The `tune-sota` command: `search`, `train`, `trials`, `report`, `dashboard`. User mistakes print one line
+and exit 2."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ EPILOG = """examples:
   tune-sota search --space quick --resume       # finish an interrupted search of the same name
   tune-sota train --config results/quick/best.yaml
   tune-sota trials results/quick
+  tune-sota report results/quick                # (re)write results/quick/report.html and figures/*.png
+  tune-sota dashboard results/quick             # optuna-dashboard on the search's study, on 127.0.0.1
 """
 
 
@@ -49,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                    "trials on one GPU (overrides the space)")
     s.add_argument("--resume", action="store_true", help="resume the interrupted search named --name (or the "
                    "space's name): finished trials are kept, the Optuna searcher's state is restored")
+    s.add_argument("--log", action="append", metavar="mlflow[=URI]|wandb[=PROJECT]",
+                   help="also log every trial to a tracker through Ray's logger callbacks (repeatable): MLflow "
+                   "(default store: results/NAME/mlflow.db) or W&B (offline when there is no API key)")
 
     t = sub.add_parser("train", help="train one fixed config outside Ray (e.g. an exported best.yaml)",
                        description="Train one config with every value fixed (an exported best.yaml, or any space "
@@ -63,6 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("results_dir", metavar="RESULTS_DIR",
                    help="a folder that `tune-sota search` wrote, e.g. results/quick")
     r.add_argument("--history", action="store_true", help="one row per trial per epoch")
+
+    rep = sub.add_parser("report", help="write a search's report.html (and PNG figures) again",
+                         description="Write RESULTS_DIR/report.html, one self-contained page that opens offline, "
+                                     "and RESULTS_DIR/figures/*.png. Every search writes them when it ends; this "
+                                     "rebuilds them, also for folders written by older versions.")
+    rep.add_argument("results_dir", metavar="RESULTS_DIR", help="a folder that `tune-sota search` wrote")
+
+    d = sub.add_parser("dashboard", help="serve optuna-dashboard on a search's study (127.0.0.1 only)",
+                       description="Start optuna-dashboard on RESULTS_DIR's Optuna study, bound to 127.0.0.1, "
+                                   "and print its URL; Ctrl-C stops it.")
+    d.add_argument("results_dir", metavar="RESULTS_DIR", help="a folder that `tune-sota search` wrote")
+    d.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
     return p
 
 
@@ -87,9 +105,12 @@ def _search(args) -> int:
 
     space = _override(load_space(args.space), args)
     from tune_sota import search  # imports Ray: after the checks that need nothing of it
+    from tune_sota.progress import parse_log
+
+    trackers = parse_log(args.log)
 
     outcome = search.run(space, name=args.name, results_root=args.results, storage=args.storage,
-                         address=args.address, resume=args.resume, command=search.command_line())
+                         address=args.address, resume=args.resume, command=search.command_line(), log=trackers)
     _summary(outcome)
     return 0
 
@@ -148,12 +169,27 @@ def _trials(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from tune_sota import report
+
+    print(f"tune-sota: report: {report.write(args.results_dir)}")
+    return 0
+
+
+def _dashboard(args) -> int:
+    from tune_sota import report
+
+    report.dashboard(args.results_dir, port=args.port, out=lambda line: print(line, flush=True))  # before it blocks
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit notices from fastai's import
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        return {"search": _search, "train": _train, "trials": _trials}[args.command](args)
+        return {"search": _search, "train": _train, "trials": _trials, "report": _report,
+                "dashboard": _dashboard}[args.command](args)
     except UserError as e:
         print(f"tune-sota: error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tune_sota import cluster, data, preflight, results, trainable
 from tune_sota.config import Config, Dist, Space, UserError, parse_space, space_to_yaml, write_atomic
+from tune_sota.progress import Progress, tracker_callbacks
+from tune_sota.report import write_quietly
 
 METRIC, MODE = "accuracy", "max"
 
@@ -77,42 +79,6 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     @property
     def study(self) -> optuna.Study:
         return self._ot_study
-
-
-class Progress(tune.Callback):
-    """One line per finished epoch and per finished trial, instead of Ray's status tables."""
-
-    def __init__(self, searched: list[str], num_samples: int, out=print):
-        self.searched, self.num_samples, self.out, self.done = searched, num_samples, out, 0
-
-    def _params(self, trial) -> str:
-        return " ".join(f"{k}={_short(trial.config.get(k))}" for k in self.searched)
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.out(f"  start  {trial.trial_id}  {self._params(trial)}")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("error") or result.get("diverged"):
-            return
-        self.out(f"  epoch  {trial.trial_id}  {result['epoch']}/{result['epochs']} at {result['size']}px  "
-                 f"accuracy {result['accuracy']:.4f}  valid_loss {result['valid_loss']:.4f}")
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
-        r = trial.last_result or {}
-        status = results._status(r, None, finished=True)
-        how = f"{status} after {r.get('epoch', 0)}/{r.get('epochs', '?')} epochs"
-        if r.get("error"):
-            how += f": {r['error']}"
-        self.out(f"  [{self.done}/{self.num_samples}] {trial.trial_id} {how}, accuracy {r.get('accuracy', 0):.4f}")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.done += 1
-        self.out(f"  [{self.done}/{self.num_samples}] {trial.trial_id} error (Ray): see {trial.path}")
-
-
-def _short(v):
-    return f"{v:.3g}" if isinstance(v, float) else v
 
 
 def to_tune(v):
@@ -193,7 +159,7 @@ def _locate(space: Space, name: str | None, results_root: Path, storage: str | N
 
 
 def run(space: Space, *, name: str | None = None, results_root: str | Path = "results", storage: str | None = None,
-        address: str | None = None, resume: bool = False, command: str = "", out=print) -> Outcome:
+        address: str | None = None, resume: bool = False, command: str = "", out=print, log=()) -> Outcome:
     """Run (or resume) a search over `space`, score the best trials with TTA, and write the results."""
     t0 = time.time()
     space, name, renamed_from, results_dir, storage = _locate(space, name, Path(results_root).resolve(), storage,
@@ -222,7 +188,8 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
         else:
             tuner = tune.Tuner(fn, param_space={k: to_tune(v) for k, v in space.values.items()},
                                tune_config=tune_config(space, results_dir),
-                               run_config=run_config(space, name, storage, out))
+                               run_config=run_config(space, name, storage, out,
+                                                     tracker_callbacks(log, results_dir, name, out)))
         grid = tuner.fit()
         trials, history = results.tables(grid, searched, finished=True)
         best_row, best = _score_best(grid, trials, space, out, local=address is None)
@@ -236,6 +203,7 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
         block.update(search=name, command=command, checkpoint=best_row["path"], versions=versions())
         header = f"# Best trial of `{command}`; retrain it with: tune-sota train --config {results_dir}/best.yaml\n"
         write_atomic(results_dir / "best.yaml", header + space_to_yaml(best.to_dict(), result=_plain(block)))
+    write_quietly(results_dir, out)  # the report is a view of the files above: it never fails a search
     return Outcome(name, results_dir, trials, best, best_row, time.time() - t0, renamed_from)
 
 
@@ -260,11 +228,11 @@ def tune_config(space: Space, results_dir: Path) -> tune.TuneConfig:
                            reuse_actors=True)
 
 
-def run_config(space: Space, name: str, storage: str, out) -> tune.RunConfig:
+def run_config(space: Space, name: str, storage: str, out, trackers=()) -> tune.RunConfig:
     s = space.search
     return tune.RunConfig(
         name=name, storage_path=storage, verbose=0,
-        callbacks=[Progress(list(space.searched), s.num_samples, out)],
+        callbacks=[Progress(list(space.searched), s.num_samples, out), *trackers],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints),
         failure_config=tune.FailureConfig(max_failures=3),  # lost workers/nodes; trial errors are not retried
     )
