@@ -1,0 +1,174 @@
+"""The models a search and `tune-sota train` leave behind, and how to load them.
+
+A model is a folder holding `state.pt` (the weights, as `recipe.save_state` writes them: tensors and
+plain values, loaded with `torch.load(weights_only=True)`, never a pickled Learner) and the config that
+rebuilds its Learner: `config.yaml` in a `tune-sota train --out` folder (with `scores.json`), or the
+trial's `params.json` one level up in a search's `trial_*/checkpoint_*` folder. `load_model` takes
+either, a trial folder (its newest checkpoint) or a `best.yaml` (its `checkpoint:`).
+
+A finished search keeps only the checkpoints somebody may load (`prune`); `disk_usage` says what it keeps.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from tune_sota.config import Config, UserError, load_space, space_to_yaml, write_atomic
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"  # the same name as a trial checkpoint's (trainable.STATE_FILE)
+CONFIG_FILE = "config.yaml"
+SCORES_FILE = "scores.json"
+PARAMS_FILE = "params.json"  # Ray's record of a trial's config, in the trial folder
+
+
+def default_out(config_path: Path) -> Path:
+    """`model`, `model-2`... beside the config: a new folder, never one that exists."""
+    parent, n = Path(config_path).resolve().parent, 1
+    candidate = parent / "model"
+    while candidate.exists():
+        n += 1
+        candidate = parent / f"model-{n}"
+    return candidate
+
+
+def save(learn, cfg: Config, folder: Path, scores: dict, **about) -> Path:
+    """Write a trained model to the new folder `folder`: weights, the resolved config, the scores."""
+    import torch
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True)  # never into an existing folder: a model is never overwritten
+    except FileExistsError:
+        raise UserError(f"--out {folder} exists; give a new folder (nothing is overwritten)") from None
+    buf = io.BytesIO()  # the weights only: an optimizer state would double the file for nothing
+    torch.save({"model": learn.model.state_dict(), "opt": None, "epoch": cfg.epochs}, buf)
+    (folder / STATE_FILE).write_bytes(buf.getvalue())
+    header = f"# The config of this model; train it again: tune-sota train --config {folder / CONFIG_FILE}\n"
+    write_atomic(folder / CONFIG_FILE, header + space_to_yaml(cfg.to_dict()))
+    write_atomic(folder / SCORES_FILE, json.dumps({**scores, **about}, indent=1) + "\n")
+    return folder
+
+
+def _config_from_params(params_file: Path) -> Config:
+    params = json.loads(params_file.read_text())
+    if isinstance(params.get("run"), dict):  # a confirmation run: its config is inside the run spec
+        params = params["run"].get("config", {})
+    known = Config.__dataclass_fields__
+    return Config(**{k: v for k, v in params.items() if k in known})
+
+
+def _newest_checkpoint(trial_dir: Path) -> Path | None:
+    found = [p for p in trial_dir.glob("checkpoint_*") if (p / STATE_FILE).is_file()]
+    return max(found, key=lambda p: int(re.sub(r"\D", "", p.name) or 0)) if found else None
+
+
+def locate(path) -> tuple[Path, Config]:
+    """(the state.pt file, the Config that rebuilds its Learner) for anything `load_model` accepts."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix in (".yaml", ".yml"):  # best.yaml: its checkpoint
+        result = (yaml.safe_load(p.read_text()) or {}).get("result") or {}
+        if not result.get("checkpoint"):
+            raise UserError(f"{p} names no checkpoint; train it into a model: tune-sota train --config {p} --out DIR")
+        return locate(result["checkpoint"])
+    if not p.is_dir():
+        raise UserError(f"{p} does not exist; give a `tune-sota train --out` folder, a trial folder or checkpoint "
+                        f"of a search, or a best.yaml")
+    if not (p / STATE_FILE).is_file():
+        newest = _newest_checkpoint(p)
+        if newest is None:
+            raise UserError(f"{p} holds no {STATE_FILE} and no checkpoint_*/{STATE_FILE} (a search keeps the "
+                            f"checkpoints of its best trials only, unless search.keep_checkpoints is all)")
+        p = newest
+    if (p / CONFIG_FILE).is_file():
+        return p / STATE_FILE, load_space(str(p / CONFIG_FILE)).fixed()
+    if (p.parent / PARAMS_FILE).is_file():
+        return p / STATE_FILE, _config_from_params(p.parent / PARAMS_FILE)
+    raise UserError(f"{p} has {STATE_FILE} but no {CONFIG_FILE} beside it nor {PARAMS_FILE} above it, so its "
+                    f"Learner cannot be rebuilt")
+
+
+def load_model(path, *, cpus: float | None = None):
+    """A trained fastai Learner, ready for `learn.predict`, `learn.tta` and `learn.validate`.
+
+    `path`: a `tune-sota train --out` folder, a search's trial folder (its newest checkpoint) or
+    checkpoint folder, or a best.yaml (its `checkpoint:`). The Learner is rebuilt from the config (the
+    data must be where the config says) and the weights are loaded with `torch.load(weights_only=True)`.
+    """
+    from tune_sota import recipe
+
+    state_file, cfg = locate(path)
+    workers, device = recipe.resources(cfg, cpus)
+    learn = recipe.build_learner(cfg, recipe.make_dataloaders(cfg, workers=workers, device=device))
+    recipe.load_state(learn, state_file.read_bytes())
+    learn.config = cfg  # what it was trained with, for the caller
+    if cfg.pipeline == "cached":
+        learn.dls.test_dl = _cached_test_dl(learn.dls, cfg)
+    return learn
+
+
+def _cached_test_dl(dls, cfg: Config):
+    """`dls.test_dl` for the cached pipeline, whose DataLoaders read decoded arrays, not files: the items
+    (image paths) are decoded as the cache decodes them, so `learn.predict` and `get_preds` take files."""
+    import torch
+
+    from tune_sota import cache
+
+    vocab = list(dls.valid.dataset.vocab)
+
+    def decode(o, full=True):  # (image, class name), as fastai's Datasets decodes an item for `predict`
+        return o[0], vocab[int(o[1])]
+
+    for dl in (dls.train, dls.valid):
+        dl.dataset.decode = decode
+
+    def test_dl(test_items, rm_type_tfms=None, with_labels=False, **kwargs):
+        x = torch.stack([torch.from_numpy(cache.decode(Path(p), cfg.item_size).copy()) for p in test_items])
+        items = cache.CachedImages(x, torch.zeros(len(x), dtype=torch.long), vocab, split_idx=1)
+        items.decode = decode
+        kwargs.pop("num_workers", None)  # batches are gathered in-process
+        return dls.valid.new(items.to(dls.valid.dataset.x.device), **kwargs)
+
+    return test_dl
+
+
+def disk_usage(*folders) -> int:
+    """Bytes of the files under `folders` (each file counted once)."""
+    seen, total = set(), 0
+    for folder in folders:
+        for f in Path(folder).rglob("*"):
+            if f.is_file() and not f.is_symlink() and f.resolve() not in seen:
+                seen.add(f.resolve())
+                total += f.stat().st_size
+    return total
+
+
+def prune(trial_dirs, keep) -> int:
+    """Delete the checkpoints of every trial folder in `trial_dirs` that is not in `keep`; returns bytes freed."""
+    keep = {Path(k).resolve() for k in keep}
+    freed = 0
+    for d in map(Path, trial_dirs):
+        if d.resolve() in keep or not d.is_dir():
+            continue
+        for ckpt in d.glob("checkpoint_*"):
+            freed += disk_usage(ckpt)
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return freed
+
+
+def human(n: float) -> str:
+    """Bytes as `12.3 MB`."""
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
