@@ -410,8 +410,9 @@ def _hours(seconds: float) -> str:
 def table_html(s: Search) -> str:
     """The trial table: one row per trial, its status coloured as in the charts."""
     t = s.trials
-    cols = [c for c in ["trial_id", "status", *s.searched, "epochs", "epochs_run", "accuracy", "best_accuracy",
-                        "tta_accuracy", "valid_loss", "time_s", "error"] if c in t.columns]
+    cols = [c for c in dict.fromkeys(["trial_id", "status", *s.searched, "epochs", "epochs_run", "accuracy",
+                                      "best_accuracy", "tta_accuracy", "confirmed_accuracy", "confirmed_tta",
+                                      "valid_loss", "time_s", "error"]) if c in t.columns]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     rows = []
     for _, row in t.iterrows():
