@@ -61,6 +61,11 @@ class Progress(tune.Callback):
 
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
         self.t0 = time.monotonic()  # the search starts now, not when the callback was built (or pickled)
+        self._count_ended = True  # a resumed search's [n/N] goes on from the trials it has already ended
+
+    def on_step_begin(self, iteration, trials, **info):
+        if getattr(self, "_count_ended", False):  # the first step: restored trials are in `trials` by now
+            self.done, self._count_ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials), False
 
     def _params(self, trial) -> str:
         return " ".join(f"{k}={_short(trial.config.get(k))}" for k in self.searched)
