@@ -4,6 +4,7 @@ import json
 import multiprocessing
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from fastai.vision.augment import Resize
 from fastai.vision.core import PILImage
 from PIL import Image
 
-from tune_sota import cache, data, preflight
+from tune_sota import cache, data, sources
 from tune_sota.config import Config, UserError
 
 
@@ -33,7 +34,7 @@ def test_built_once_then_reused(folder):
 
 def test_labels_pixels_and_class_order_are_the_folders(folder):
     train, valid = cache.load(cache.build(folder, 20))
-    found = preflight.scan(folder)
+    found = sources.scan(folder)
     assert list(train.vocab) == sorted(CLASSES) == found.classes
     for ds, split in ((train, "train"), (valid, "val")):
         files = found.splits[split]
@@ -55,7 +56,7 @@ def test_rebuilt_when_a_source_image_changes(folder):
     after = cache.build(folder, 20)
     assert after != before
     _, valid = cache.load(after)
-    i = [p for p, _ in preflight.scan(folder).splits["val"]].index(changed)
+    i = [p for p, _ in sources.scan(folder).splits["val"]].index(changed)
     assert valid.x[i, :, 0, 0].tolist() == [1, 2, 3]
 
 
@@ -68,7 +69,7 @@ def test_non_square_images_are_centre_cropped_like_fastai_resize(tmp_path):
                 Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
     train, _ = cache.load(cache.build(tmp_path, 16))
     assert train.x.shape == (4, 3, 16, 16)
-    for i, (p, _) in enumerate(preflight.scan(tmp_path).splits["train"]):
+    for i, (p, _) in enumerate(sources.scan(tmp_path).splits["train"]):
         want = np.asarray(Resize(16)(PILImage.create(p), split_idx=1)).transpose(2, 0, 1)
         assert np.array_equal(train.x[i].numpy(), want)
 
@@ -89,10 +90,10 @@ def test_two_processes_build_one_cache(tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
     assert out.get() == out.get() == str(cache.cache_path(src, 20))
-    built = [p.name for p in data.cache_dir().joinpath("decoded").iterdir() if p.is_dir() and src.name in p.name]
+    built = [p.name for p in sources.cache_dir().joinpath("decoded").iterdir() if p.is_dir() and src.name in p.name]
     assert built == [cache.cache_path(src, 20).name]  # one cache, no half-built folder left behind
     train, valid = cache.load(cache.cache_path(src, 20))
-    files = preflight.scan(src).splits["val"]
+    files = sources.scan(src).splits["val"]
     assert valid.y.tolist() == [y for _, y in files] and len(train) == 120
     assert all(torch.equal(valid.x[i], torch.from_numpy(cache.decode(p, 20).copy())) for i, (p, _) in enumerate(files))
 
@@ -120,15 +121,48 @@ def test_a_few_undecodable_images_are_skipped_and_mostly_undecodable_data_is_an_
         f.write_bytes(f.read_bytes()[:60])
     folder = cache.build(src, 20)
     train, valid = cache.load(folder)
-    kept = [(p, y) for p, y in preflight.scan(src).splits["train"] if p not in cut]
+    kept = [(p, y) for p, y in sources.scan(src).splits["train"] if p not in cut]
     assert train.y.tolist() == [y for _, y in kept] and len(valid) == 9
     assert all(torch.equal(train.x[i], torch.from_numpy(cache.decode(p, 20).copy())) for i, (p, _) in enumerate(kept))
-    meta = json.loads((folder / "meta.json").read_text())
-    assert meta["counts"] == {"train": 16, "val": 9}
+    meta = json.loads((folder / "train.json").read_text())
+    assert meta["count"] == 16 and json.loads((folder / "val.json").read_text())["count"] == 9
     assert sorted(meta["skipped"]) == [f"train/green/{f.name}" for f in cut]
 
     for f in (src / "val").rglob("*.png"):
         f.write_bytes(f.read_bytes()[:60])
     with pytest.raises(UserError, match=r"9 of 9 images in .*val could not be decoded"):
         cache.build(src, 20)
-    assert not [p for p in folder.parent.iterdir() if ".tmp" in p.name], "no half-built cache left behind"
+    again = cache.cache_path(src, 20)  # the val/ files changed: another cache, with no half-built split left
+    assert not [p for p in again.iterdir() if p.name.startswith(".tmp")] and not (again / "val.json").exists()
+
+
+@pytest.mark.parametrize("pipeline", ["cached", "fastai"])
+def test_holdout_is_fixed_stratified_and_never_reads_val(tmp_path, pipeline):
+    src = make_image_folder(tmp_path / "held", per_class=(10, 3), px=24)
+    for f in (src / "val").rglob("*.png"):  # anything that opened val/ would fail on these
+        f.write_bytes(b"not an image")
+    cfg = Config(**tiny(src, batch_size=4, pipeline=pipeline, holdout=0.2))
+    dls = [cfg_dls(cfg, src) for _ in range(2)]
+    (held, kept), (held2, kept2) = ((_items(d.valid), _items(d.train)) for d in dls)
+    assert held == held2 and kept == kept2, "the same holdout every time, whatever the seed"
+    assert not set(held) & set(kept) and len(held) + len(kept) == 30
+    labels = [y for _, y in sources.scan(src, ("train",)).splits["train"]]
+    assert sorted(labels[i] for i in held) == [0, 0, 1, 1, 2, 2], "2 of each class's 10 held out"
+    if pipeline == "cached":
+        assert not (cache.cache_path(src, cfg.item_size) / "val.json").exists(), "val/ was not decoded"
+
+
+def cfg_dls(cfg, src):
+    from tune_sota import recipe
+
+    return recipe.make_dataloaders(Config(**{**cfg.to_dict(), "seed": np.random.randint(1000)}), workers=0,
+                                   device=torch.device("cpu"))
+
+
+def _items(dl) -> list[int]:
+    """The train/ indices (in the scan's order) of the images a DataLoader draws from."""
+    ds = dl.dataset
+    if isinstance(ds, cache.CachedImages):
+        return sorted(ds.rows.tolist())
+    scanned = [p for p, _ in sources.scan(Path(ds.items[0]).parents[2], ("train",)).splits["train"]]
+    return sorted(scanned.index(p) for p in ds.items)

@@ -15,8 +15,8 @@ from tests.conftest import cli, make_image_folder, tiny, write_space
 from tune_sota import recipe
 from tune_sota.cli import main
 from tune_sota.config import SPACES_DIR, Config, SearchSettings, write_atomic
-from tune_sota.data import load_rgb
 from tune_sota.preflight import check_data
+from tune_sota.sources import load_rgb
 
 
 def run_main(capsys, *argv) -> tuple[int, str]:
@@ -51,8 +51,12 @@ BAD_SPACES = {
     "inverted_range": ("lr: {loguniform: [0.1, 0.001]}\n", ["range [0.1, 0.001] is empty"]),
     "empty_choice": ("mixup: {choice: []}\n", ["choice needs a non-empty list"]),
     "unknown_distribution": ("mixup: {beta: [1, 2]}\n", ["unknown distribution 'beta'"]),
-    "grace_beyond_epochs": ("epochs: 3\nsearch: {grace_period: 5}\n", ["grace_period 5", "use 1..3"]),
-    "score_more_than_trials": ("search: {num_samples: 2, score_top: 3}\n", ["score_top 3", "at most 2"]),
+    "retired_grace_period": ("epochs: 3\nsearch: {grace_period: 5}\n", ["grace_period (epochs) is now search.grace"]),
+    "grace_leaves_no_rung": ("search: {grace: 0.6, reduction_factor: 2}\n", ["grace 0.6 leaves ASHA no rung",
+                                                                            "use grace <= 0.5"]),
+    "confirm_more_than_trials": ("search: {num_samples: 2, confirm_top: 3}\n", ["confirm_top 3", "at most 2"]),
+    "old_score_top_is_confirm_top": ("search: {num_samples: 2, score_top: 3}\n", ["confirm_top 3", "at most 2"]),
+    "unknown_scheduler": ("search: {scheduler: hyperband}\n", ["scheduler: 'hyperband'", "one of asha, fifo"]),
     "not_a_mapping": ("- lr\n- epochs\n", ["a space is a mapping"]),
 }
 

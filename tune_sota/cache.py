@@ -4,11 +4,12 @@ augmented as whole batches (on the GPU when there is one), the way airbench and 
 
 A cache is a folder under `cache_dir()/decoded`, named for the source folder, the presize and a
 hash of (source path, presize, every image's path, size and mtime): change a file and the next run
-decodes into a new folder. Each holds `train.npy` and `val.npy` (N x 3 x presize x presize uint8,
-memory-mapped when read, so the trials of a node share one copy in the page cache),
-`train_labels.npy`, `val_labels.npy` and `meta.json` (the class list, what was skipped). One process
-builds it under a file lock; the others wait and then read it. It is published by renaming a
-finished temporary folder, so a reader never sees half a cache.
+decodes into a new folder. Each split is decoded only when a run needs it (a search that selects on
+a holdout never opens val/ until its confirmation runs) into `SPLIT.npy` (N x 3 x presize x presize
+uint8, memory-mapped when read, so the trials of a node share one copy in the page cache),
+`SPLIT_labels.npy` and `SPLIT.json` (the class list, what was skipped), the last written last. One
+process builds a split under a file lock; the others wait and then read it. Its files are renamed
+into place from a finished temporary folder, so a reader never sees half a split.
 
 It stays a fastai `DataLoaders` of `TfmdDL`s feeding a fastai `Learner`, so MixUp, label smoothing,
 progressive resizing (`data.set_train_size`) and `Learner.tta` work as on fastai's own pipeline.
@@ -20,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -37,14 +39,15 @@ from fastai.vision.augment import RandomResizedCropGPU
 from fastai.vision.core import TensorImage
 from PIL import Image
 
-from tune_sota import data, preflight
+from tune_sota import data, sources
 from tune_sota.config import Config, UserError
 
-VERSION = 1  # bump when the layout or the decoding changes: old caches are then never read
-SPLITS = ("train", "val")
+VERSION = 2  # bump when the layout or the decoding changes: old caches are then never read
+SPLITS = sources.SPLITS
 # The dataset lives on the GPU when it takes at most this share of the free GPU memory: the rest
 # is for the model, its activations and the other trials that share the GPU.
 GPU_RESIDENT_SHARE = 0.2
+log = logging.getLogger(__name__)
 
 
 def fingerprint(root: Path) -> str:
@@ -55,7 +58,7 @@ def fingerprint(root: Path) -> str:
             dirnames.sort()
             for name in sorted(filenames):
                 p = Path(dirpath) / name
-                if preflight.is_image(p):
+                if sources.is_image(p):
                     st = p.stat()
                     h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
@@ -65,35 +68,45 @@ def cache_path(root: Path, presize: int) -> Path:
     """The cache folder of the image folder `root` decoded at `presize` pixels (it may not exist yet)."""
     root = Path(root).resolve()
     key = json.dumps({"version": VERSION, "source": str(root), "presize": presize, "files": fingerprint(root)})
-    return data.cache_dir() / "decoded" / f"{root.name}-{presize}px-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return sources.cache_dir() / "decoded" / f"{root.name}-{presize}px-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def build(root: Path, presize: int) -> Path:
-    """The cache of `root` at `presize`, decoding every image into it first unless it is there already."""
+def build(root: Path, presize: int, splits: tuple[str, ...] = SPLITS) -> Path:
+    """The cache of `root` at `presize`, decoding the `splits` it lacks into it first."""
     folder = cache_path(root, presize)
-    if (folder / "meta.json").is_file():
+    if all((folder / f"{s}.json").is_file() for s in splits):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if the builder dies, so no stale locks
-        if (folder / "meta.json").is_file():  # another process built it while we waited
+        missing = tuple(s for s in splits if not (folder / f"{s}.json").is_file())  # another may have built them
+        if not missing:
             return folder
-        for left in folder.parent.glob(f".{folder.name}.tmp*"):  # a builder that died half-way
+        for left in folder.glob(".tmp*"):  # a builder that died half-way
             shutil.rmtree(left, ignore_errors=True)
         root = Path(root).resolve()
-        found = preflight.scan(root)  # the same files, classes and order as fastai's pipeline reads
-        _check_space(folder.parent, found, presize)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp"))
-        try:
-            _decode_into(tmp, root, found, presize)
-            os.rename(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        found = sources.scan(root, missing)  # the same files, classes and order as fastai's pipeline reads
+        _check_space(folder, found, presize)
+        for split in missing:
+            tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp"))
+            try:
+                meta = _decode_into(tmp, root, found, split, presize)
+                for f in tmp.iterdir():
+                    os.replace(f, folder / f.name)
+                write_json(folder / f"{split}.json", meta)  # last: the split is there once this is
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def _check_space(where: Path, found: preflight.Scan, presize: int) -> None:
+def write_json(path: Path, value) -> None:
+    """Write JSON so that a reader sees all of it or nothing."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def _check_space(where: Path, found: sources.Scan, presize: int) -> None:
     """Refuse to start a cache that the disk cannot hold, rather than fail half-way through it."""
     n = sum(len(v) for v in found.splits.values())
     need, free = n * 3 * presize * presize, shutil.disk_usage(where).free
@@ -106,7 +119,7 @@ def _check_space(where: Path, found: preflight.Scan, presize: int) -> None:
 def decode(path: Path, presize: int) -> np.ndarray:
     """One image as uint8 3 x presize x presize: its largest centred square, resized bilinearly
     (what fastai's `Resize(presize)` gives a validation image)."""
-    im = data.load_rgb(path)
+    im = sources.load_rgb(path)
     w, h = im.size
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
@@ -116,63 +129,63 @@ def decode(path: Path, presize: int) -> np.ndarray:
     return np.asarray(im).transpose(2, 0, 1)
 
 
-def _decode_into(folder: Path, root: Path, found: preflight.Scan, presize: int) -> None:
-    skipped = list(found.unreadable)
-    counts = {}
-    for split in SPLITS:
-        items = found.splits[split]
-        print(f"tune-sota: decoding {len(items)} {split} images of {root} at {presize} px into {folder.parent} "
-              f"(once per node)", flush=True)
-        x = np.lib.format.open_memmap(folder / f"{split}.npy", mode="w+", dtype=np.uint8,
-                                      shape=(len(items), 3, presize, presize))
+def _decode_into(folder: Path, root: Path, found: sources.Scan, split: str, presize: int) -> dict:
+    """Decode one split into `folder`; returns its metadata (classes, count, what was skipped)."""
+    items = found.splits[split]
+    log.info("decoding %d %s images of %s at %d px into %s (once per node)", len(items), split, root, presize,
+             folder.parent)
+    x = np.lib.format.open_memmap(folder / f"{split}.npy", mode="w+", dtype=np.uint8,
+                                  shape=(len(items), 3, presize, presize))
 
-        def one(i, x=x, items=items) -> bool:
-            try:
-                x[i] = decode(items[i][0], presize)
-                return True
-            except Exception:  # a file whose header reads but whose pixels do not (truncated, corrupt)
-                return False
+    def one(i) -> bool:
+        try:
+            x[i] = decode(items[i][0], presize)
+            return True
+        except Exception:  # a file whose header reads but whose pixels do not (truncated, corrupt)
+            return False
 
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes and resizes without the GIL
-            ok = np.array(list(pool.map(one, range(len(items)))), dtype=bool)
-        bad = [items[i][0] for i in np.flatnonzero(~ok)]
-        unreadable = sum(p.relative_to(root).parts[0] == split for p in found.unreadable)  # skipped by the scan
-        if len(bad) + unreadable > preflight.MOSTLY_UNREADABLE * (len(items) + unreadable):
-            raise UserError(f"data: {len(bad)} of {len(items)} images in {root / split} could not be decoded "
-                            f"(first: {', '.join(p.name for p in bad[:3])}); fix or remove them")
-        if bad:  # keep the decoded rows only, so that row i is still image i of the labels
-            keep = np.flatnonzero(ok)
-            np.save(folder / f"{split}.keep.npy", x[keep])
-            del x
-            os.replace(folder / f"{split}.keep.npy", folder / f"{split}.npy")
-            skipped += bad
-        else:
-            x.flush()
-            del x
-        labels = np.array([y for _, y in items], dtype=np.int64)[ok]
-        np.save(folder / f"{split}_labels.npy", labels)
-        counts[split] = len(labels)
-    meta = {"version": VERSION, "source": str(root), "presize": presize, "classes": found.classes,
-            "counts": counts, "skipped": [str(p.relative_to(root)) for p in skipped]}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes and resizes without the GIL
+        ok = np.array(list(pool.map(one, range(len(items)))), dtype=bool)
+    bad = [items[i][0] for i in np.flatnonzero(~ok)]
+    unreadable = [p for p in found.unreadable if p.relative_to(root).parts[0] == split]  # skipped by the scan
+    if len(bad) + len(unreadable) > sources.MOSTLY_UNREADABLE * (len(items) + len(unreadable)):
+        raise UserError(f"data: {len(bad)} of {len(items)} images in {root / split} could not be decoded "
+                        f"(first: {', '.join(p.name for p in bad[:3])}); fix or remove them")
+    if bad:  # keep the decoded rows only, so that row i is still image i of the labels
+        keep = np.flatnonzero(ok)
+        np.save(folder / f"{split}.keep.npy", x[keep])
+        del x
+        os.replace(folder / f"{split}.keep.npy", folder / f"{split}.npy")
+    else:
+        x.flush()
+        del x
+    labels = np.array([y for _, y in items], dtype=np.int64)[ok]
+    np.save(folder / f"{split}_labels.npy", labels)
+    skipped = [str(p.relative_to(root)) for p in unreadable + bad]
     if skipped:
-        print(f"tune-sota: skipped {len(skipped)} image(s) that could not be read "
-              f"(first: {', '.join(meta['skipped'][:3])})", flush=True)
+        log.warning("skipped %d %s image(s) that could not be read (first: %s)", len(skipped), split,
+                    ", ".join(skipped[:3]))
+    return {"version": VERSION, "source": str(root), "presize": presize, "classes": found.classes,
+            "count": len(labels), "skipped": skipped}
 
 
 class CachedImages:
-    """One split of a cache as tensors (`x` uint8 N x 3 x H x W, `y` int64), with the `split_idx`
-    that fastai's `TfmdDL` and `Learner.tta` read and switch."""
+    """One split of a cache as tensors (`x` uint8 N x 3 x H x W, `y` int64), or the `rows` of it that
+    belong to this set (a holdout shares its split's arrays), with the `split_idx` that fastai's
+    `TfmdDL` and `Learner.tta` read and switch."""
 
     n_inp = 1
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, classes: list[str], split_idx: int):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, classes: list[str], split_idx: int,
+                 rows: torch.Tensor | None = None):
         self.x, self.y, self.vocab, self.split_idx = x, y, CategoryMap(classes, sort=False), split_idx
+        self.rows = rows
 
     def __len__(self):
-        return len(self.y)
+        return len(self.y) if self.rows is None else len(self.rows)
 
     def __getitem__(self, i):
+        i = i if self.rows is None else self.rows[i]
         return TensorImage(self.x[i]), TensorCategory(self.y[i])
 
     @property
@@ -190,16 +203,29 @@ class CachedImages:
 
     def to(self, device: torch.device) -> CachedImages:
         self.x, self.y = self.x.to(device), self.y.to(device)
+        self.rows = None if self.rows is None else self.rows.to(device)
         return self
 
 
-def load(folder: Path) -> tuple[CachedImages, CachedImages]:
-    """A built cache's train and validation splits, memory-mapped (pages shared between processes)."""
-    classes = json.loads((folder / "meta.json").read_text())["classes"]
+def load_split(folder: Path, split: str, split_idx: int) -> CachedImages:
+    """One decoded split of a built cache, memory-mapped (pages shared between processes)."""
+    classes = json.loads((folder / f"{split}.json").read_text())["classes"]
     # mode "c" (copy-on-write) maps the file writable, which torch.from_numpy wants, without copying it
-    return tuple(CachedImages(torch.from_numpy(np.load(folder / f"{s}.npy", mmap_mode="c")),
-                              torch.from_numpy(np.load(folder / f"{s}_labels.npy")), classes, split_idx=i)
-                 for i, s in enumerate(SPLITS))
+    return CachedImages(torch.from_numpy(np.load(folder / f"{split}.npy", mmap_mode="c")),
+                        torch.from_numpy(np.load(folder / f"{split}_labels.npy")), classes, split_idx=split_idx)
+
+
+def load(folder: Path) -> tuple[CachedImages, CachedImages]:
+    """A built cache's train and validation splits."""
+    return load_split(folder, "train", 0), load_split(folder, "val", 1)
+
+
+def load_holdout(folder: Path, share: float) -> tuple[CachedImages, CachedImages]:
+    """The train split as (the rows trained on, the held-out rows): `sources.holdout_split` of its labels."""
+    full = load_split(folder, "train", 0)
+    kept, held = (torch.from_numpy(i) for i in sources.holdout_split(full.y.numpy(), share))
+    return (CachedImages(full.x, full.y, list(full.vocab), 0, rows=kept),
+            CachedImages(full.x, full.y, list(full.vocab), 1, rows=held))
 
 
 class CachedDL(TfmdDL):
@@ -221,6 +247,8 @@ class CachedDL(TfmdDL):
     def create_batch(self, idxs):
         ds = self.dataset
         idxs = torch.as_tensor(idxs, dtype=torch.long, device=ds.x.device)
+        if ds.rows is not None:
+            idxs = ds.rows[idxs]
         x, y = ds.x[idxs], ds.y[idxs]
         if self.device is not None and self.device.type == "cuda" and x.device.type == "cpu":
             x = x.pin_memory().to(self.device, non_blocking=True)
@@ -266,8 +294,11 @@ class RandomResizedCropFlip(RandomResizedCropGPU):
 
 
 def batch_tfms(cfg: Config, size: int, stats) -> list:
-    """The cached path's batch augmentation at `size`: a random-resized crop and flip per image, then
-    Normalize (the crop and flip of airbench and FFCV; fresh objects for each DataLoader)."""
+    """The cached path's batch augmentation at `size` (fresh objects for each DataLoader): with
+    `augment: crop_flip`, a random-resized crop and flip per image, then Normalize (airbench's and
+    FFCV's augmentation); with `augment: chapter7`, fastai's aug_transforms as the fastai pipeline runs them."""
+    if cfg.augment == "chapter7":
+        return data.batch_tfms(cfg, size, stats)
     return [IntToFloatTensor(), RandomResizedCropFlip(size, min_scale=cfg.min_scale, flip=cfg.flip),
             Normalize.from_stats(*stats)]
 
@@ -277,15 +308,24 @@ def place(train: CachedImages, valid: CachedImages, device: torch.device) -> tor
     if device.type != "cuda":
         return torch.device("cpu")
     free, _ = torch.cuda.mem_get_info(device)
-    if train.x.nbytes + valid.x.nbytes > GPU_RESIDENT_SHARE * free:
+    shared = train.x is valid.x  # a holdout: both sets index one array
+    if train.x.nbytes + (0 if shared else valid.x.nbytes) > GPU_RESIDENT_SHARE * free:
         return torch.device("cpu")  # batches are then gathered on the CPU and copied without blocking
-    train.to(device), valid.to(device)
+    train.to(device)
+    if shared:
+        valid.x, valid.y = train.x, train.y
+        valid.rows = None if valid.rows is None else valid.rows.to(device)
+    else:
+        valid.to(device)
     return device
 
 
 def cached_dataloaders(cfg: Config, root: Path, *, device: torch.device) -> DataLoaders:
     """DataLoaders over the decode-once cache of `root` at the config's presize, built if missing."""
-    train, valid = load(build(root, cfg.item_size))
+    if cfg.holdout:  # validate on a fixed share of train/; val/ is not decoded, not even opened
+        train, valid = load_holdout(build(root, cfg.item_size, ("train",)), cfg.holdout)
+    else:
+        train, valid = load(build(root, cfg.item_size))
     place(train, valid, device)
     dls = DataLoaders(CachedDL(train, bs=cfg.batch_size, shuffle=True, drop_last=True, num_workers=0),
                       CachedDL(valid, bs=cfg.batch_size, shuffle=False, num_workers=0),

@@ -8,13 +8,14 @@ import dataclasses
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from tune_sota.config import ConfigError, SearchSettings, UserError, _check_value
 
 EPILOG = """examples:
   tune-sota search                              # the offline default: space 'quick' on local Ray
   tune-sota search --space imagenette --gpus-per-trial 0.25
-  tune-sota search --space quick --resume       # finish an interrupted search of the same name
+  tune-sota search --resume quick-2             # finish the interrupted search quick-2 (the line Ctrl-C prints)
   tune-sota train --config results/quick/best.yaml
   tune-sota trials results/quick
   tune-sota report results/quick                # (re)write results/quick/report.html and figures/*.png
@@ -27,6 +28,10 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"tune-sota: error: {message} (see `{self.prog} --help`)\n")
+
+
+SET_HELP = ("override one setting, checked like the file (repeatable; VALUE is YAML): lr=0.01, "
+            "search.num_samples=4, search.confirm_top=1, 'lr={loguniform: [1.0e-3, 1.0e-2]}'")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,8 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus-per-trial", type=float, metavar="N", help="CPUs each trial reserves (overrides the space)")
     s.add_argument("--gpus-per-trial", type=float, metavar="F", help="GPUs each trial reserves; 0.25 puts 4 "
                    "trials on one GPU (overrides the space)")
-    s.add_argument("--resume", action="store_true", help="resume the interrupted search named --name (or the "
-                   "space's name): finished trials are kept, the Optuna searcher's state is restored")
+    s.add_argument("--resume", nargs="?", const=True, default=False, metavar="NAME",
+                   help="finish the interrupted search NAME (as Ctrl-C prints it); without NAME, the one unfinished "
+                   "search of --space. Finished trials are kept, unfinished ones continue from their checkpoints; "
+                   "a finished search is never touched")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     s.add_argument("--log", action="append", metavar="mlflow[=URI]|wandb[=PROJECT]",
                    help="also log every trial to a tracker through Ray's logger callbacks (repeatable): MLflow "
                    "(default store: results/NAME/mlflow.db) or W&B (offline when there is no API key)")
@@ -62,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "TTA accuracy. Example: tune-sota train --config results/quick/best.yaml")
     t.add_argument("--config", required=True, metavar="PATH", help="a config or best.yaml with no distributions")
     t.add_argument("--cpus", type=float, metavar="N", help="CPU threads to use (default: all)")
+    t.add_argument("--out", metavar="DIR", help="a new folder for the trained model: state.pt (weights), config.yaml, "
+                   "scores.json; load it with tune_sota.load_model(DIR) (default: model, model-2... beside --config)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
 
     r = sub.add_parser("trials", help="print the trial table of a search",
                        description="Print one row per trial (tune_sota.load_trials); --history prints one row "
@@ -81,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
                                    "and print its URL; Ctrl-C stops it.")
     d.add_argument("results_dir", metavar="RESULTS_DIR", help="a folder that `tune-sota search` wrote")
     d.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
+    c = sub.add_parser("cluster-check", help="check a Ray cluster before a long search: nodes, versions, storage, data",
+                       description="Join the cluster at --address and run a tiny task on every node: its CPUs and "
+                                   "GPUs, its Ray, Python and tune_sota versions, whether --storage is writable from "
+                                   "it and shared with the other nodes, and whether --space's data folders are "
+                                   "there. Exits 1 if anything would stop a search.")
+    c.add_argument("--address", required=True, metavar="ADDR", help="the cluster's head: HOST:PORT, or auto")
+    c.add_argument("--storage", metavar="URI", help="the --storage the search will use: a folder every node sees "
+                   "(NFS) or s3://bucket/path")
+    c.add_argument("--space", metavar="NAME|PATH", help="the search space whose data folders every node needs")
     return p
 
 
@@ -103,58 +123,141 @@ def _override(space, args):
 def _search(args) -> int:
     from tune_sota.config import load_space
 
-    space = _override(load_space(args.space), args)
+    space = _override(load_space(args.space, args.set), args)
     from tune_sota import search  # imports Ray: after the checks that need nothing of it
     from tune_sota.progress import parse_log
 
     trackers = parse_log(args.log)
 
-    outcome = search.run(space, name=args.name, results_root=args.results, storage=args.storage,
-                         address=args.address, resume=args.resume, command=search.command_line(), log=trackers)
+    from tune_sota import runstate
+
+    name = args.resume if isinstance(args.resume, str) else args.name
+    if args.resume and isinstance(args.resume, str) and args.name and args.name != args.resume:
+        raise UserError(f"--resume {args.resume} --name {args.name}: name the search once, e.g. --resume {args.resume}")
+    changed = [flag for k, flag in FLAGS.items() if getattr(args, k) is not None] + (["--set"] if args.set else [])
+    if args.resume and changed:  # Ray restores a search with the settings it started with
+        raise UserError(f"--resume continues a search as it was started; drop {', '.join(changed)} "
+                        f"(or start a new search without --resume)")
+    try:
+        outcome = search.run(space, name=name, results_root=args.results, storage=args.storage,
+                             address=args.address, resume=bool(args.resume), command=search.command_line(),
+                             log=trackers)
+    except runstate.SearchInterrupted as stopped:
+        _counts(stopped.outcome, "interrupted after")
+        print(f"  nothing was exported; resume with: {stopped.command}")
+        return stopped.exit_code
     _summary(outcome)
     return 0
+
+
+def _counts(o, what: str = "done in") -> None:
+    """The summary's first lines: how the trials ended, and the name the search got."""
+    from tune_sota import results
+
+    counts = o.trials.status.value_counts().to_dict() if len(o.trials) else {}
+    parts = ", ".join(f"{n} {results.STATUS_HELP[s] if s == results.STOPPED else s}" for s, n in counts.items())
+    print(f"\ntune-sota: {o.name} {what} {time.strftime('%Hh%Mm%Ss', time.gmtime(o.wall_s))}: "
+          f"{len(o.trials)} trials ({parts})")
+    if o.renamed_from:
+        print(f"  '{o.renamed_from}' was taken, so this search is '{o.name}'")
 
 
 def _summary(o) -> None:
     from tune_sota import results
 
-    counts = o.trials.status.value_counts().to_dict() if len(o.trials) else {}
-    parts = ", ".join(f"{n} {results.STATUS_HELP[s] if s == results.STOPPED else s}" for s, n in counts.items())
-    print(f"\ntune-sota: {o.name} done in {time.strftime('%Hh%Mm%Ss', time.gmtime(o.wall_s))}: "
-          f"{len(o.trials)} trials ({parts})")
-    if o.renamed_from:
-        print(f"  '{o.renamed_from}' was taken, so this search is '{o.name}'")
+    _counts(o)
     for _, row in o.trials[o.trials.status.isin([results.ERROR, results.DIVERGED])].iterrows():
         print(f"  {row.status}: {row.trial_id} {row.error}")
     if o.best is None:
         print("  no trial trained all its epochs, so there is no best config to export")
+        _disk(o)
         return
-    b = o.best_row
-    print(f"  best trial {b['trial_id']}: accuracy {b['accuracy']:.4f}, with TTA {b['tta_accuracy']:.4f} "
-          f"after {b['epochs_run']} epochs")
-    searched = [k for k in o.trials.columns if hasattr(o.best, k)]
-    print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in ((k, getattr(o.best, k)) for k in searched)))
+    b, a = o.best_row, o.answer
+    searched = [k for k in o.trials.columns if hasattr(o.best, k) and k not in ("epochs",)] + ["epochs"]
+    values = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in ((k, getattr(o.best, k)) for k in dict.fromkeys(searched)))
+    judged = "on the holdout" if o.select_on == "holdout" else "on val/"
+    if a is None:
+        why = "confirm_top is 0" if o.confirmed is None or not len(o.confirmed) else \
+            f"every confirmation run failed, first: {o.confirmed.error.iloc[0]}"
+        print(f"  best trial {b['trial_id']}: accuracy {b['accuracy']:.4f} {judged} after {b['epochs_run']} epochs "
+              f"(not confirmed: {why})")
+    else:
+        w, base = a["winner"], a["baseline"]
+        n = len(w["seeds"])
+        print(f"  winner {w['trial_id']} (accuracy {b['accuracy']:.4f} {judged}), confirmed on val/ over {n} seed(s): "
+              f"{_pm(w['accuracy_mean'], w['accuracy_std'])}, with TTA {_pm(w['tta_mean'], w['tta_std'])}")
+        if base is not None:
+            print(f"  baseline (chapter 7's plain recipe, same seeds and {w['epochs']} epochs): "
+                  f"{_pm(base['accuracy_mean'], base['accuracy_std'])}, "
+                  f"with TTA {_pm(base['tta_mean'], base['tta_std'])}")
+            cost = o.trials.time_s.sum() + a["confirm_s"]
+            print(f"  gain: {a['gain_points']:+.1f} points ({a['gain_tta_points']:+.1f} with TTA) over the baseline, "
+                  f"for {_hours(o.trials.time_s.sum())} of trials and {_hours(a['confirm_s'])} of confirmation "
+                  f"({_hours(cost)} of trial-time in all)")
+    print(f"  {values}")
+    for note in _edges(o):
+        print(f"  note: {note}")
+    if o.select_on == "val":
+        print("  note: trials were judged on val/ (select_on: val), so these figures are optimistic: the data that "
+              "chose the winner also scores it")
     print(f"  best config: {o.results_dir}/best.yaml  (retrain: tune-sota train --config {o.results_dir}/best.yaml)")
-    print(f"  tables:      {o.results_dir}/trials.csv, {o.results_dir}/history.csv  (tune-sota trials {o.results_dir})")
+    print(f"  tables:      {o.results_dir}/trials.csv, history.csv, confirm.csv  (tune-sota trials {o.results_dir})")
+    _disk(o)
+
+
+def _edges(o) -> list[str]:
+    """The winner's values at the edge of their searched ranges (from the search's own space.yaml)."""
+    import yaml
+
+    from tune_sota import results
+    from tune_sota.config import parse_space
+
+    saved = o.results_dir / "space.yaml"
+    if not saved.is_file():
+        return []
+    return results.edge_notes(parse_space(yaml.safe_load(saved.read_text()), source=str(saved)), o.best)
+
+
+def _disk(o) -> None:
+    from tune_sota.model import human
+
+    if getattr(o, "disk_bytes", None) is not None:
+        print(f"  disk:        {human(o.disk_bytes)} kept by this search (checkpoints of its best trials only, "
+              f"unless search.keep_checkpoints is all)")
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}%"
+
+
+def _hours(seconds: float) -> str:
+    return time.strftime("%Hh%Mm%Ss", time.gmtime(seconds))
 
 
 def _train(args) -> int:
+    from tune_sota import model
     from tune_sota.config import load_space
 
-    cfg = load_space(args.config).fixed()
+    cfg = load_space(args.config, args.set).fixed()
+    out = Path(args.out).resolve() if args.out else model.default_out(args.config)
+    if out.exists():  # said now, not after the training
+        raise UserError(f"--out {out} exists; give a new folder (a model is never overwritten)")
     from tune_sota import preflight
 
-    preflight.check_data(cfg.data)
+    preflight.check_presize(cfg.data, preflight.check_data(cfg.data), cfg.item_size)
     from tune_sota import recipe
 
     def on_epoch(r, learn):
         print(f"epoch {r.epoch}/{r.epochs} at {r.size}px  train_loss {r.train_loss:.4f}  valid_loss "
-              f"{r.valid_loss:.4f}  accuracy {r.accuracy:.4f}  ({r.seconds:.1f}s)", flush=True)
+              f"{r.valid_loss:.4f}  accuracy {r.accuracy:.4f}  ({r.epoch_s:.1f}s)", flush=True)
 
-    learn = recipe.train(cfg, cpus=args.cpus, on_epoch=on_epoch)
+    t0 = time.time()
+    learn = recipe.train(cfg, cpus=args.cpus, on_epoch=on_epoch, progress=sys.stdout.isatty())
     s = recipe.score(learn)
     print(f"accuracy {s['accuracy']:.4f}, with TTA {s['tta_accuracy']:.4f}")
+    model.save(learn, cfg, out, s, train_s=round(time.time() - t0, 1), command=" ".join(["tune-sota", *sys.argv[1:]]))
+    print(f"model: {out}  (load it: tune_sota.load_model({str(out)!r}))")
     return 0
 
 
@@ -183,18 +286,40 @@ def _dashboard(args) -> int:
     return 0
 
 
+def _cluster_check(args) -> int:
+    from tune_sota.config import load_space
+
+    space = load_space(args.space) if args.space else None
+    from tune_sota import cluster  # imports Ray: after the checks that need nothing of it
+
+    reports = cluster.cluster_check(args.address, storage=args.storage, space=space)
+    print(f"tune-sota: cluster at {args.address}: {len(reports)} nodes, {sum(r.cpus for r in reports):g} CPUs, "
+          f"{sum(r.gpus for r in reports):g} GPUs")
+    for r in reports:
+        storage = "" if not args.storage else ", storage writable" if not r.storage else ", storage NOT writable"
+        data = "".join(f", data {'there' if not why else 'MISSING'}: {d}" for d, why in r.data.items())
+        print(f"  node {r.node_id[:12]} {r.ip} ({r.host}): {r.cpus:g} CPUs, {r.gpus:g} GPUs, Ray {r.ray}, "
+              f"Python {r.python}, tune_sota {r.tune_sota or 'MISSING'}{storage}{data}")
+    found = cluster.problems(reports, args.storage)
+    for line in found:
+        print(f"  problem: {line}")
+    print(f"tune-sota: cluster-check: {len(found)} problem(s)" if found else "tune-sota: cluster-check: ready")
+    return 1 if found else 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit notices from fastai's import
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return {"search": _search, "train": _train, "trials": _trials, "report": _report,
-                "dashboard": _dashboard}[args.command](args)
+                "dashboard": _dashboard, "cluster-check": _cluster_check}[args.command](args)
     except UserError as e:
         print(f"tune-sota: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tune-sota: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # a third Ctrl-C, or one outside a search's trials
+        print("tune-sota: interrupted; an unfinished search resumes with: tune-sota search --resume NAME",
+              file=sys.stderr)
         return 130
 
 

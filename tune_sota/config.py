@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -69,6 +70,11 @@ def _data(v):
     return None if v.strip() else "'digits', an Imagenette name, or a folder with train/ and val/"
 
 
+def _keep(v):
+    ok = v == "all" if isinstance(v, str) else 1 <= v <= 1000
+    return None if ok else "a number of checkpoints per trial (1..1000) or 'all'"
+
+
 def _opt(default, help, check=None):
     return field(default=default, metadata={"help": help, "check": check})
 
@@ -105,6 +111,12 @@ class Config:
                          "node's trials share, then crops and flips whole batches (on the GPU if there is one); "
                          "'fastai' is fastai's DataBlock (decode and presize per item in workers, chapter 7's "
                          "aug_transforms per batch)", _one_of("cached", "fastai"))
+    augment: str = _opt("crop_flip", "batch augmentation on the cached pipeline: 'crop_flip' (random-resized crop "
+                        "and flip) or 'chapter7' (fastai's aug_transforms: warps, rotations, lighting, then the "
+                        "crop); the fastai pipeline always uses chapter 7's", _one_of("crop_flip", "chapter7"))
+    holdout: float = _opt(0.0, "share of train/ held out (stratified, the same in every run) and validated on "
+                          "instead of val/; a search sets it from search.holdout; 0 = validate on val/",
+                          _between(0, 0.5))
 
     def __post_init__(self):
         for f in fields(self):
@@ -130,20 +142,52 @@ class Config:
         return dataclasses.asdict(self)
 
 
+SCHEDULERS = ("asha", "fifo", "ray-asha")  # tune_sota.scheduler.make_scheduler builds them
+SEARCHERS = ("tpe", "random")  # tune_sota.searcher.sampler builds them
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     """How a search runs: the `search:` section of a space file."""
 
     num_samples: int = _opt(8, "trials to run", _between(1, 100000))
     max_concurrent: int = _opt(0, "trials running at once; 0 = as many as the resources allow", _at_least(0))
-    grace_period: int = _opt(1, "ASHA: epochs every trial runs before it can be stopped", _at_least(1))
+    scheduler: str = _opt("asha", "early stopping: 'asha' compares trials at the same share of their own "
+                          "one-cycle schedule; 'fifo' stops nothing; 'ray-asha' is Ray's stock ASHA on epoch "
+                          "counts (not fair to searched epochs; for comparison)", _one_of(*SCHEDULERS))
+    grace: float = _opt(0.5, "ASHA: share of its schedule a trial runs before it can be stopped; rungs sit at "
+                        "1/rf, 1/rf^2... of each schedule down to this share", _between(0.01, 0.99))
     reduction_factor: int = _opt(2, "ASHA: keep the top 1/N at each rung", _between(2, 100))
+    searcher: str = _opt("tpe", "Optuna sampler: 'tpe' (random for startup_trials, then TPE) or 'random'",
+                         _one_of(*SEARCHERS))
+    seed: int = _opt(0, "seed of Optuna's sampler", _at_least(0))
+    startup_trials: int = _opt(4, "trials Optuna samples at random before TPE models the results", _at_least(1))
+    storage: str = _opt("", "Optuna storage of the study: '' = results/NAME/study.db (SQLite), or a database URL "
+                        "(postgresql://..., mysql://...) to share it")
+    select_on: str = _opt("holdout", "what trials are judged on: 'holdout' (a share of train/; val/ is kept for "
+                          "the confirmation) or 'val' (optimistic: the confirmation then reuses the data that chose)",
+                          _one_of("holdout", "val"))
+    holdout: float = _opt(0.1, "share of train/ held out for selection when select_on is 'holdout'",
+                          _between(0.01, 0.5))
+    confirm_top: int = _opt(2, "best trials retrained on all of train/ and scored on val/, plainly and with TTA",
+                            _between(0, 100))
+    confirm_seeds: int = _opt(3, "seeds per confirmed config (and per baseline); the result is their mean +- std",
+                              _between(1, 100))
     cpus_per_trial: float = _opt(1.0, "CPUs each trial reserves", _between(0.01, 1024))
     gpus_per_trial: float = _opt(0.0, "GPUs each trial reserves; fractions share a GPU", _between(0, 64))
-    seed: int = _opt(0, "seed of Optuna's TPE sampler", _at_least(0))
-    startup_trials: int = _opt(4, "trials Optuna samples at random before TPE models the results", _at_least(1))
-    score_top: int = _opt(1, "best trials re-scored with test-time augmentation", _between(1, 100))
-    keep_checkpoints: int = _opt(2, "checkpoints kept per trial (the newest)", _between(1, 1000))
+    keep_checkpoints: int | str = _opt(2, "checkpoints kept per trial (the newest); after the search only the "
+                                       "trials worth loading keep theirs (the confirmed ones, else the best); "
+                                       "'all' keeps every checkpoint of every trial", _keep)
+
+
+# Keys of older space files: renamed ones are read under their new name, retired ones explain themselves.
+RENAMED_SEARCH_KEYS = {"score_top": "confirm_top"}
+RETIRED_SEARCH_KEYS = {
+    "grace_period": "search.grace_period (epochs) is now search.grace, a share of each trial's schedule, e.g. 0.5",
+}
+# The baseline every search is confirmed against: chapter 7's plain recipe (Config's own defaults for
+# the searched techniques, spelled out so that a space's fixed values do not leak into it).
+BASELINE = {"lr": 3e-3, "mixup": 0.0, "label_smoothing": 0.0, "resize": ""}
 
 
 @dataclass(frozen=True)
@@ -168,6 +212,7 @@ class Space:
     search: SearchSettings
     name: str = "space"
     source: str = "<dict>"
+    baseline: dict[str, Any] = field(default_factory=lambda: dict(BASELINE))
 
     @property
     def searched(self) -> dict[str, Dist]:
@@ -189,9 +234,16 @@ class Space:
         """A `Config` from this space with `sampled` filling in the distributions."""
         return Config(**{**self.values, **sampled})
 
+    def baseline_config(self, **over) -> Config:
+        """The baseline run: the space's fixed values, the schema defaults for what is searched, the
+        `baseline:` section on top (chapter 7's plain recipe by default), then `over`."""
+        fixed = {k: v for k, v in self.values.items() if not isinstance(v, Dist)}
+        return Config(**{**fixed, **self.baseline, **over})
+
 
 def _type_name(t) -> str:
-    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[t]
+    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+            "int | str": "an integer or a string"}[t]
 
 
 def _check_value(f: dataclasses.Field, v, where: str):
@@ -202,6 +254,7 @@ def _check_value(f: dataclasses.Field, v, where: str):
         "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
         "str": isinstance(v, str),
         "bool": isinstance(v, bool),
+        "int | str": isinstance(v, (int, str)) and not isinstance(v, bool),
     }[t]
     if not ok:
         raise ConfigError(f"{where}{f.name}: {v!r} is not {_type_name(t)}")
@@ -273,9 +326,20 @@ def parse_space(raw: Any, *, name: str = "space", source: str = "<dict>") -> Spa
     raw = dict(raw)
     raw.pop("result", None)  # written by the exporter, informational only
     search_raw = raw.pop("search", None) or {}
+    search_raw = dict(search_raw) if isinstance(search_raw, dict) else search_raw
+    baseline_raw = raw.pop("baseline", None)
+    if not raw and not search_raw and baseline_raw is None:
+        raise ConfigError(f"{where}the space sets nothing; give at least `data:` (see search_spaces/quick.yaml)")
     values = _parse_section(Config, raw, where, dists=True)
+    for old, new in RENAMED_SEARCH_KEYS.items():
+        if isinstance(search_raw, dict) and old in search_raw and new not in search_raw:
+            search_raw[new] = search_raw.pop(old)
+    for old, why in RETIRED_SEARCH_KEYS.items():
+        if isinstance(search_raw, dict) and old in search_raw:
+            raise ConfigError(f"{where}{why}")
     search = SearchSettings(**_parse_section(SearchSettings, search_raw, where + "search.", dists=False))
-    space = Space(values=values, search=search, name=name, source=source)
+    baseline = {**BASELINE, **_parse_section(Config, baseline_raw or {}, where + "baseline.", dists=False)}
+    space = Space(values=values, search=search, name=name, source=source, baseline=baseline)
     _check_cross_fields(space, where)
     return space
 
@@ -307,8 +371,12 @@ def space_path(name_or_path: str) -> Path:
     return p
 
 
-def load_space(name_or_path: str) -> Space:
-    """Read and validate a space file (by name or path)."""
+def load_space(name_or_path: str, overrides=()) -> Space:
+    """Read and validate a space file (by name or path), then its `--set KEY=VALUE` overrides, checked alike.
+
+    A relative `data:` folder is read from the space file's folder (a `--set data=...` from the working
+    directory), so that a space means the same data wherever it is run from.
+    """
     p = space_path(name_or_path)
     try:
         raw = yaml.safe_load(p.read_text())
@@ -317,14 +385,78 @@ def load_space(name_or_path: str) -> Space:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise ConfigError(f"{p}: broken YAML{at}: {problem}") from None
-    return parse_space(raw, name=p.stem, source=str(p))
+    parse_space(raw, name=p.stem, source=str(p))  # the file alone first: its mistakes name the file
+    raw, source = _resolve_data(raw, p.resolve().parent), str(p)
+    if overrides:
+        raw = _resolve_data(apply_overrides(raw, overrides), Path.cwd())
+        source = f"{p} with --set {' '.join(overrides)}"
+    return parse_space(raw, name=p.stem, source=source)
 
 
-def space_to_yaml(values: dict[str, Any], search: SearchSettings | None = None, **extra) -> str:
+def _resolve_data(raw: dict, base: Path) -> dict:
+    """`raw` with relative `data:` folders (fixed or choices) made absolute against `base`."""
+    from tune_sota import sources  # sources imports this module
+
+    def resolve(v):
+        if not isinstance(v, str) or sources.known(v) or not v.strip() or Path(v).expanduser().is_absolute():
+            return v
+        return str((base / v).resolve())
+
+    d = raw.get("data") if isinstance(raw, dict) else None
+    if isinstance(d, str):
+        return {**raw, "data": resolve(d)}
+    if isinstance(d, dict) and isinstance(d.get("choice"), list):
+        return {**raw, "data": {"choice": [resolve(v) for v in d["choice"]]}}
+    return raw
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
+
+
+def _numbers(v):
+    """YAML 1.1 reads `1e-3` as text; on the command line it is meant as a number."""
+    if isinstance(v, str) and _FLOAT.fullmatch(v):
+        return float(v)
+    if isinstance(v, list):
+        return [_numbers(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _numbers(x) for k, x in v.items()}
+    return v
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """`raw` (a space as read from YAML) with `KEY=VALUE` items applied: `lr=0.01`, `search.num_samples=4`,
+    `lr={loguniform: [1.0e-3, 1.0e-2]}`; VALUE is YAML. Unknown keys are left for `parse_space` to name."""
+    out = dict(raw or {})
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set lr=0.01 or --set search.num_samples=4")
+        try:
+            value = _numbers(yaml.safe_load(text)) if text.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: {text!r} is not a YAML value; quote it for the shell, e.g. "
+                              f"--set 'lr={{loguniform: [1.0e-3, 1.0e-2]}}'") from None
+        section, dot, sub = key.partition(".")
+        if dot:
+            if section not in ("search", "baseline") or "." in sub:
+                raise ConfigError(f"--set {item}: {key!r} is not a setting; use a config key (lr=...) or "
+                                  f"search.KEY=... / baseline.KEY=...")
+            out[section] = {**(out.get(section) or {}), sub: value}
+        else:
+            out[key] = value
+    return out
+
+
+def space_to_yaml(values: dict[str, Any], search: SearchSettings | None = None,
+                  baseline: dict[str, Any] | None = None, **extra) -> str:
     """YAML text of a space or config, in schema order, with optional extra top-level blocks."""
     out = {k: (v.to_yaml() if isinstance(v, Dist) else v) for k, v in values.items()}
     if search is not None:
         out["search"] = dataclasses.asdict(search)
+    if baseline is not None:
+        out["baseline"] = dict(baseline)
     out.update(extra)
     return yaml.safe_dump(out, sort_keys=False)
 

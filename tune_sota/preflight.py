@@ -6,106 +6,84 @@ Light imports only (no fastai, no Ray): `tune-sota` answers bad input at once.
 
 from __future__ import annotations
 
-import mimetypes
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from tune_sota import cluster
-from tune_sota.config import Config, Dist, Space, UserError
-
-DOWNLOADS = ("imagenette2", "imagenette2-160", "imagenette2-320", "imagewoof2", "imagewoof2-160", "imagewoof2-320")
-IMAGE_EXTS = {ext for ext, kind in mimetypes.types_map.items() if kind.startswith("image/")} | {".webp"}
-MOSTLY_UNREADABLE = 0.5  # above this share of unreadable images a split is an error, below it they are skipped
+from tune_sota import cluster, sources
+from tune_sota.config import Space, UserError
+from tune_sota.schedule import rung_shares
 
 
-def is_image(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
-
-
-def readable(p: Path) -> bool:
-    """Whether PIL recognises the file as an image (a header check: cheap enough for every file)."""
-    try:
-        with Image.open(p) as im:
-            im.size  # noqa: B018  (reading the header is the check)
-        return True
-    except Exception:
-        return False
-
-
-@dataclass
-class Scan:
-    """The images of one image-folder dataset: class names and (path, class index) per split."""
-
-    classes: list[str]
-    splits: dict[str, list[tuple[Path, int]]]
-    unreadable: list[Path] = field(default_factory=list)
-
-
-def scan(root: Path) -> Scan:
-    """List and check an image folder (train/ and val/, one subfolder per class); UserError if unusable."""
-    root = Path(root)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise UserError(f"data: {root} has no {split}/ folder; it needs train/ and val/, each with one "
-                            f"folder per class")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
-    if len(classes) < 2:
-        raise UserError(f"data: {root / 'train'} has {len(classes)} class folder(s); a classifier needs at "
-                        f"least 2 (one subfolder of images per class)")
-    extra = sorted(d.name for d in (root / "val").iterdir() if d.is_dir() and d.name not in classes)
-    if extra:
-        raise UserError(f"data: {root / 'val'} has classes that train/ lacks: {', '.join(extra[:5])}; "
-                        f"val/ may only use train/'s classes")
-    out = Scan(classes, {})
-    for split in ("train", "val"):
-        files, labels = [], []
-        for i, c in enumerate(classes):
-            found = sorted(p for p in (root / split / c).rglob("*") if p.is_file() and is_image(p)) \
-                if (root / split / c).is_dir() else []
-            if not found and split == "train":
-                raise UserError(f"data: class folder {root / split / c} has no images "
-                                f"({', '.join(sorted(IMAGE_EXTS & {'.jpg', '.jpeg', '.png'}))}, ...)")
-            files += found
-            labels += [i] * len(found)
-        if not files:
-            raise UserError(f"data: {root / split} has no images in its class folders")
-        with ThreadPoolExecutor(8) as pool:
-            ok = list(pool.map(readable, files))
-        bad = [f for f, good in zip(files, ok) if not good]
-        if len(bad) > MOSTLY_UNREADABLE * len(files):
-            raise UserError(f"data: {len(bad)} of {len(files)} images in {root / split} are unreadable "
-                            f"(first: {', '.join(p.name for p in bad[:3])}); fix or remove them")
-        out.unreadable += bad
-        out.splits[split] = [(f, y) for f, y, good in zip(files, labels, ok) if good]
-    return out
-
-
-def check_data(data: str, out=print) -> None:
-    """Check a `data:` value: a known dataset name, or a usable image folder (skipped files are said)."""
-    if data == "digits" or data in DOWNLOADS:
-        return
+def check_data(data: str, out=print) -> sources.Scan | None:
+    """Check a `data:` value: a known dataset name, or a usable image folder (skipped files are said).
+    Returns the folder's scan (None for a named dataset, which is made or downloaded later)."""
+    if sources.known(data):
+        return None
     root = Path(data).expanduser()
     if not root.exists():
-        raise UserError(f"data: {data} is neither a folder nor a known dataset; use 'digits', one of "
-                        f"{', '.join(DOWNLOADS)}, or a folder with train/ and val/ (one subfolder per class)")
-    found = scan(root)
+        raise UserError(f"data: {root.resolve()} is neither a folder nor a known dataset; use 'digits', one of "
+                        f"{', '.join(sources.DOWNLOADS)}, or a folder with train/ and val/ (one subfolder per class)")
+    found = sources.scan(root)
     if found.unreadable:
         out(f"tune-sota: data: skipping {len(found.unreadable)} unreadable image(s) in {root} "
             f"(first: {', '.join(str(p.relative_to(root)) for p in found.unreadable[:3])})")
+    return found
+
+
+def check_batches(found: sources.Scan, batch_size: int, holdout: float, where: str = "") -> None:
+    """Training drops the last partial batch: fewer training images than one batch would train nothing."""
+    labels = [y for _, y in found.splits["train"]]
+    n = len(sources.holdout_split(labels, holdout)[0]) if holdout else len(labels)
+    if batch_size > n:
+        after = f" after holding out {holdout:.0%} for selection" if holdout else ""
+        raise UserError(f"{where}batch_size {batch_size} but only {n} training images{after}, so not one batch "
+                        f"would train; use batch_size {max(1, n // 2)} or less, or more images")
+
+
+def source_px(data: str, found: sources.Scan | None, samples: int = 5) -> tuple[int, int] | None:
+    """(the median short side of a few training images, how many were sampled), from their headers."""
+    if found is None:
+        return (sources.DIGITS_PX, 1) if data == "digits" else None  # downloads: not on disk yet
+    train = [p for p, _ in found.splits.get("train", [])]
+    sides = []
+    for f in train[:: max(1, len(train) // samples)][:samples]:  # spread over the classes
+        try:
+            with Image.open(f) as im:
+                sides.append(min(im.size))
+        except Exception:
+            continue
+    return (sorted(sides)[len(sides) // 2], len(sides)) if sides else None
+
+
+def check_presize(data: str, found: sources.Scan | None, item_size: int, out=print) -> None:
+    """Warn when items are presized above the source images: scaled up, they cost decoding time and cache
+    space and add no detail."""
+    px = source_px(data, found)
+    if px is not None and item_size > px[0]:
+        out(f"tune-sota: warning: presize {item_size} px is above the source images' {px[0]} px (median short side "
+            f"of {px[1]} sampled in {data}): images are scaled up and the decoded cache grows "
+            f"{(item_size / px[0]) ** 2:.1f}x for no detail; set presize: {px[0]} (and size below it)")
+
+
+def _item_sizes(space: Space) -> list[int]:
+    """Every item (presize) size the space's trials can use."""
+    sizes = []
+    for presize in space.options("presize"):
+        sizes += [presize] if presize else [int(round(size * 1.25)) for size in space.options("size")
+                                            if isinstance(size, int)] or [0]
+    return sizes
 
 
 def check_search(space: Space) -> None:
     """Search settings that cannot work with this space."""
-    s, epochs = space.search, space.values.get("epochs", Config.epochs)
-    most = max(epochs.args) if isinstance(epochs, Dist) else epochs
-    if s.grace_period > most:
-        raise UserError(f"{space.source}: search.grace_period {s.grace_period} is more than the most epochs a "
-                        f"trial can have ({most}), so ASHA could never stop a trial; use 1..{most}")
-    if s.score_top > s.num_samples:
-        raise UserError(f"{space.source}: search.score_top {s.score_top} is more than num_samples "
+    s = space.search
+    if s.scheduler == "asha" and not rung_shares(s.grace, s.reduction_factor):
+        raise UserError(f"{space.source}: search.grace {s.grace:g} leaves ASHA no rung with reduction_factor "
+                        f"{s.reduction_factor} (rungs sit at 1/rf, 1/rf^2... of a schedule); use grace <= "
+                        f"{1 / s.reduction_factor:.3g}, or scheduler: fifo for no early stopping")
+    if s.confirm_top > s.num_samples:
+        raise UserError(f"{space.source}: search.confirm_top {s.confirm_top} is more than num_samples "
                         f"{s.num_samples}; use at most {s.num_samples}")
 
 
@@ -123,7 +101,11 @@ def check_gpus(gpus_per_trial: float, address: str | None) -> None:
 def check(space: Space, address: str | None = None, out=print) -> None:
     """Every check that can run before Ray starts."""
     check_search(space)
+    holdout = space.search.holdout if space.search.select_on == "holdout" else 0.0
     for d in space.options("data"):
-        check_data(d, out)
+        found = check_data(d, out)
+        if found is not None:
+            check_batches(found, max(space.options("batch_size")), holdout, f"{space.source}: ")
+        check_presize(d, found, max(_item_sizes(space)), out)
     check_gpus(space.search.gpus_per_trial, address)
     cluster.check_address(address)

@@ -10,7 +10,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,26 +24,13 @@ from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.vision.models import xresnet
+from fastcore.basics import noop
 from fastcore.foundation import L
 
-from tune_sota import cache, data
+from tune_sota import cache, data, sources
 from tune_sota.config import Config
+from tune_sota.results import EpochReport
 from tune_sota.schedule import size_at_epoch
-
-
-@dataclass
-class EpochReport:
-    """What one finished epoch measured; `accuracy` is always at the final size."""
-
-    epoch: int  # epochs done, 1-based
-    epochs: int  # epochs planned
-    size: int  # training image size of this epoch
-    train_loss: float
-    valid_loss: float
-    accuracy: float
-    seconds: float
-    diverged: bool = False
-
 
 OnEpoch = Callable[[EpochReport, Learner], None]
 
@@ -84,7 +70,7 @@ class EpochEnd(Callback):
         report = EpochReport(
             epoch=self.epoch + 1, epochs=self.n_epoch, size=getattr(self.learn, "train_size", 0),
             train_loss=float(train_loss), valid_loss=float(valid_loss), accuracy=float(acc),
-            seconds=time.perf_counter() - self.t0, diverged=self.diverged,
+            epoch_s=time.perf_counter() - self.t0, diverged=self.diverged,
         )
         if self.on_epoch:
             self.on_epoch(report, self.learn)
@@ -128,15 +114,16 @@ def build_learner(cfg: Config, dls) -> Learner:
 
 def make_dataloaders(cfg: Config, *, workers: int, device: torch.device):
     """The DataLoaders for `cfg`, preparing the data source first if needed."""
-    root = data.prepare_source(cfg.data)
+    root = sources.prepare_source(cfg.data)
     if cfg.pipeline == "cached":  # batches are gathered in-process from decoded memory: no workers to feed it
         return cache.cached_dataloaders(cfg, root, device=device)
     return data.fastai_dataloaders(cfg, root, workers=workers, device=device)
 
 
 def train(cfg: Config, *, cpus: float | None = None, on_epoch: OnEpoch | None = None,
-          checkpoint: bytes | None = None) -> Learner:
-    """Train `cfg` from scratch, or on from a `checkpoint` made by `save_state`; returns the Learner."""
+          checkpoint: bytes | None = None, progress: bool = False) -> Learner:
+    """Train `cfg` from scratch, or on from a `checkpoint` made by `save_state`; returns the Learner.
+    `progress`: fastai's bars within each epoch, for a person watching a terminal."""
     set_seed(cfg.seed)
     workers, device = resources(cfg, cpus)
     dls = make_dataloaders(cfg, workers=workers, device=device)
@@ -147,6 +134,9 @@ def train(cfg: Config, *, cpus: float | None = None, on_epoch: OnEpoch | None = 
     cbs = [ProgressiveResize(cfg), EpochEnd(on_epoch, start_epoch)]
     if cfg.mixup > 0:
         cbs.append(MixUp(cfg.mixup))
+    if progress:
+        learn.logger = noop  # bars only: the epoch's figures come from `on_epoch`, not fastai's table
+        cbs.append(ProgressCallback())
     if start_epoch < cfg.epochs:
         learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=cbs, start_epoch=start_epoch)
     return learn

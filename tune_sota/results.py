@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -17,15 +18,37 @@ import yaml
 
 from tune_sota.config import Config, UserError
 
+
+@dataclass
+class EpochReport:
+    """What one finished epoch measured: a row of `history.csv` and what a trial reports to Tune.
+    `accuracy` is always at the final size, on the holdout during a search."""
+
+    epoch: int  # epochs done, 1-based
+    epochs: int  # epochs planned
+    size: int  # training image size of this epoch
+    train_loss: float
+    valid_loss: float
+    accuracy: float
+    epoch_s: float
+    diverged: bool = False
+
+    def row(self, **extra) -> dict:
+        """The report as a flat metrics dict, with `extra` columns (error, node, start_epoch...)."""
+        return {**dataclasses.asdict(self), **extra}
+
+
 COMPLETED, STOPPED, ERROR, DIVERGED, UNFINISHED = "completed", "stopped", "error", "diverged", "unfinished"
+INTERRUPTED = "interrupted"
 STATUS_HELP = {
     COMPLETED: "trained every planned epoch",
     STOPPED: "stopped early by ASHA",
     ERROR: "raised an error (see the error column)",
     DIVERGED: "loss became NaN or infinite; stopped at once",
-    UNFINISHED: "still running, or the search was interrupted",
+    UNFINISHED: "still running (or its driver was killed)",
+    INTERRUPTED: "cut off by Ctrl-C or SIGTERM; continues from its last checkpoint on --resume",
 }
-HISTORY_COLUMNS = ["trial_id", "epoch", "epochs", "size", "accuracy", "valid_loss", "train_loss", "epoch_s",
+HISTORY_COLUMNS = ["trial_id", *(f.name for f in dataclasses.fields(EpochReport) if f.name != "diverged"),
                    "node", "start_epoch"]
 
 
@@ -39,13 +62,15 @@ def _status(metrics: dict, ray_error, finished: bool) -> str:
     return STOPPED if finished else UNFINISHED
 
 
-def tables(grid, searched: list[str], *, finished: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(trials, history) frames from a Ray `ResultGrid`; `finished` says the search ran to its end."""
+def tables(grid, searched: list[str], *, finished: bool, open_ids=(), open_status: str = UNFINISHED
+           ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, history) frames from a Ray `ResultGrid`; `finished` says the search ran to its end.
+    `open_ids`: trials Ray has not ended (running, pending), given `open_status` unless they finished."""
     rows, history = [], []
     for result in grid:
         m = result.metrics or {}
         config = result.config or {}
-        trial_id = m.get("trial_id") or Path(str(result.path)).name
+        trial_id = m.get("trial_id") or Path(str(result.path)).name.removeprefix("trial_")  # never reported
         frame = result.metrics_dataframe
         if frame is not None and len(frame):
             frame = frame[frame.get("error", pd.Series("", index=frame.index)).fillna("") == ""]
@@ -53,9 +78,12 @@ def tables(grid, searched: list[str], *, finished: bool) -> tuple[pd.DataFrame, 
             history.append(h)
         best = float(frame["accuracy"].max()) if frame is not None and len(frame) else math.nan
         error = m.get("error") or (str(result.error).splitlines()[0][:500] if result.error else "")
+        status = _status(m, result.error, finished)
+        if trial_id in open_ids and status in (STOPPED, UNFINISHED):
+            status = open_status
         rows.append({
             "trial_id": trial_id,
-            "status": _status(m, result.error, finished),
+            "status": status,
             **{k: config.get(k) for k in searched},
             "epochs": config.get("epochs", m.get("epochs")),
             "epochs_run": int(m.get("epoch", 0) or 0),
@@ -76,13 +104,17 @@ def tables(grid, searched: list[str], *, finished: bool) -> tuple[pd.DataFrame, 
     return trials, hist
 
 
-def _ray_grid(results_dir: Path):
-    """Ray's results for a search that has not written its tables (running or interrupted)."""
+def live_tables(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, history) from Ray's saved experiment state, for a search that has not written its tables:
+    trials Ray had not ended are `interrupted` if the search was, else `unfinished`."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
     run = yaml.safe_load((results_dir / "run.yaml").read_text()) if (results_dir / "run.yaml").is_file() else {}
-    experiment = run.get("experiment", str(results_dir))
-    return ResultGrid(ExperimentAnalysis(experiment)), run.get("searched", [])
+    analysis = ExperimentAnalysis(run.get("experiment", str(results_dir)))
+    open_ids = {t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")}
+    open_status = INTERRUPTED if run.get("status") == INTERRUPTED else UNFINISHED
+    return tables(ResultGrid(analysis), run.get("searched", []), finished=True, open_ids=open_ids,
+                  open_status=open_status)
 
 
 def _results_dir(results_dir) -> Path:
@@ -108,8 +140,7 @@ def load_trials(results_dir) -> pd.DataFrame:
     p = _results_dir(results_dir)
     if (p / "trials.csv").is_file():
         return _read_csv(p / "trials.csv")
-    grid, searched = _ray_grid(p)
-    return tables(grid, searched, finished=False)[0]
+    return live_tables(p)[0]
 
 
 def load_history(results_dir) -> pd.DataFrame:
@@ -117,5 +148,38 @@ def load_history(results_dir) -> pd.DataFrame:
     p = _results_dir(results_dir)
     if (p / "history.csv").is_file():
         return _read_csv(p / "history.csv")
-    grid, searched = _ray_grid(p)
-    return tables(grid, searched, finished=False)[1]
+    return live_tables(p)[1]
+
+
+EDGE = 0.05  # a winner within this share of its range's end (log scale for loguniform) is at the edge
+
+
+def edge_notes(space, best: Config) -> list[str]:
+    """One line per searched value of `best` at the edge of its range, with a wider range to try.
+    `space`: the search's `Space` (its `space.yaml`). A bound the schema forbids is no edge."""
+    from tune_sota.config import ConfigError, Dist, _check_value
+
+    notes = []
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for key, dist in space.searched.items():
+        if not isinstance(dist, Dist) or dist.kind == "choice" or not hasattr(best, key):
+            continue
+        lo, hi, v = *dist.args, getattr(best, key)
+        log = dist.kind == "loguniform"
+        share = (math.log(v / lo) / math.log(hi / lo)) if log else (v - lo) / (hi - lo)
+        at_top = v >= hi if dist.kind == "randint" else share >= 1 - EDGE
+        at_bottom = v <= lo if dist.kind == "randint" else share <= EDGE
+        if not (at_top or at_bottom):
+            continue
+        step = max(1, (hi - lo + 1) // 2) if dist.kind == "randint" else (hi - lo) / 2
+        wider = (lo, hi * 2 if log else hi + step) if at_top else (lo / 2 if log else lo - step, hi)
+        try:
+            for bound in wider:
+                _check_value(fields[key], bound, "")
+        except ConfigError:
+            continue  # e.g. label_smoothing at 0: nothing lies below
+        shown = ", ".join(f"{b:.3g}" if isinstance(b, float) else str(b) for b in wider)
+        where = "top" if at_top else "bottom"
+        notes.append(f"{key}={v:.4g} is at the {where} of its searched range [{lo:g}, {hi:g}]; the best may lie "
+                     f"beyond: widen it, e.g. --set '{key}={{{dist.kind}: [{shown}]}}'")
+    return notes

@@ -1,4 +1,5 @@
-"""Progressive resizing as data: a schedule string becomes stages, and stages become epochs.
+"""Schedules as data. Progressive resizing: a schedule string becomes stages, and stages become epochs.
+Early stopping: the shares of a one-cycle schedule at which ASHA's rungs sit (`rung_shares`).
 
 `"64>96>128"` trains a third of the epochs at each size; `"64:2>128:1"` gives 64 px twice the
 share of 128 px. The schedule is a string so that Optuna can choose between schedules as plain
@@ -61,3 +62,12 @@ def size_at_epoch(stages: list[tuple[int, float]], epochs: int, epoch: int) -> i
         if epoch < end:
             return size
     return stages[-1][0]
+
+
+def rung_shares(grace: float, reduction_factor: int) -> list[float]:
+    """Rungs as shares of a schedule, ascending: 1/rf^k for k >= 1 down to `grace`."""
+    shares, k = [], 1
+    while reduction_factor ** -k >= grace - 1e-9:
+        shares.append(reduction_factor ** -k)
+        k += 1
+    return sorted(shares)

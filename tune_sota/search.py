@@ -1,10 +1,11 @@
-"""Assembles and runs a search: space -> Tuner (ASHA + Optuna) -> trials -> TTA on the best ->
-`best.yaml`, `trials.csv`, `history.csv` in `results/NAME/`.
+"""Runs a search, top-down: space -> checks -> Ray -> Tuner (schedule-fair ASHA + the Optuna searcher,
+trials judged on a holdout) -> trial tables -> confirmation of the best against the baseline on val/ ->
+`best.yaml`, `trials.csv`, `history.csv`, `confirm.csv` in `results/NAME/`.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import platform
 import sys
@@ -16,81 +17,19 @@ import optuna
 import pandas as pd
 import ray
 import yaml
-from optuna.trial import TrialState
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search.optuna import OptunaSearch
 
-from tune_sota import cluster, data, preflight, results, trainable
-from tune_sota.config import Config, Dist, Space, UserError, parse_space, space_to_yaml, write_atomic
+from tune_sota import cluster, confirm, model, preflight, results, runstate, scheduler, searcher, sources, trainable
+from tune_sota.config import Config, Dist, Space, parse_space, space_to_yaml, write_atomic
 from tune_sota.progress import Progress, tracker_callbacks
 from tune_sota.report import write_quietly
 
 METRIC, MODE = "accuracy", "max"
-
-
-class PrunedAwareOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch, except that Optuna learns the truth about trials that did not finish.
-
-    Ray tells Optuna that a trial ASHA stopped *completed* with its partial-budget accuracy, which
-    TPE then ranks beside fully trained trials. Here such a trial is told as PRUNED (Optuna keeps
-    its per-epoch intermediate values, reported by `on_trial_result`), and a trial that diverged or
-    raised is told as FAIL. After each trial the study's trials are written to `study_log` (CSV).
-    """
-
-    def __init__(self, *args, study_log: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.study_log = study_log
-        self._steps: dict[str, set[int]] = {}  # intermediate values already told, per trial
-
-    def on_trial_result(self, trial_id: str, result: dict):
-        super().on_trial_result(trial_id, result)
-        self._steps.setdefault(trial_id, set()).add(result["training_iteration"])
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        known = trial_id in self._ot_trials and trial_id not in self._completed_trials
-        if known and result and not result.get("error") and not result.get("diverged") and \
-                result["training_iteration"] not in self._steps.get(trial_id, ()):
-            # Tune hands the result that ASHA stopped a trial on only to this method, never to
-            # on_trial_result: record it as an intermediate value too.
-            self._ot_trials[trial_id].report(result[self.metric], result["training_iteration"])
-        if known and (error or (result or {}).get("error") or (result or {}).get("diverged")):
-            self._tell(trial_id, TrialState.FAIL)
-        elif known and result and result.get("epoch", 0) < result.get("epochs", 0):
-            self._tell(trial_id, TrialState.PRUNED)
-        else:
-            super().on_trial_complete(trial_id, result, error)
-        self._write_log()
-
-    def _tell(self, trial_id: str, state: TrialState):
-        self._ot_study.tell(self._ot_trials[trial_id], state=state)
-        self._completed_trials.add(trial_id)
-
-    def _write_log(self):
-        if not self.study_log:
-            return
-        ray_ids = {t.number: tid for tid, t in self._ot_trials.items()}
-        rows = [{"number": t.number, "trial_id": ray_ids.get(t.number, ""), "state": t.state.name,
-                 "value": t.value, "intermediate": json.dumps([t.intermediate_values[k]
-                                                               for k in sorted(t.intermediate_values)]),
-                 **t.params} for t in self._ot_study.get_trials(deepcopy=False)]
-        write_atomic(Path(self.study_log), pd.DataFrame(rows).to_csv(index=False))
-
-    @property
-    def study(self) -> optuna.Study:
-        return self._ot_study
-
-
-def to_tune(v):
-    """A space value as Ray Tune sees it (Optuna's conversion then takes it from there)."""
-    if not isinstance(v, Dist):
-        return v
-    if v.kind == "randint":  # inclusive in our files, exclusive upper bound in Tune
-        return tune.randint(v.args[0], v.args[1] + 1)
-    return getattr(tune, v.kind)(*v.args) if v.kind != "choice" else tune.choice(list(v.args))
+log = logging.getLogger(__name__)
 
 
 def max_epochs(space: Space) -> int:
+    """The most epochs a trial of `space` can have."""
     e = space.values.get("epochs", Config.epochs)
     return int(max(e.args)) if isinstance(e, Dist) else int(e)
 
@@ -127,6 +66,10 @@ class Outcome:
     best_row: dict
     wall_s: float
     renamed_from: str | None = None
+    confirmed: pd.DataFrame | None = None  # one row per confirmation run (confirm.csv)
+    answer: dict | None = None  # confirm.answer: winner, baseline, gain
+    select_on: str = "holdout"  # what the trials were judged on
+    disk_bytes: int | None = None  # what the search keeps on disk once its checkpoints are pruned
 
 
 # Kept for callers of the old name; the code lives in tune_sota.cluster.
@@ -136,18 +79,18 @@ _connect = cluster.connect
 def _locate(space: Space, name: str | None, results_root: Path, storage: str | None, resume: bool):
     """Where this search lives: (space, name, the name it replaced, results folder, Ray storage).
 
-    A new search never takes a name in use; a resumed one takes its space and storage from its folder.
+    A new search never takes a name in use; a resumed one is the named search, or the one unfinished
+    search of the space (`runstate.target`), and takes its space and storage from its folder.
     """
-    name = name or space.name
     renamed_from = None
     if resume:
+        name = runstate.target(results_root, name, space.name)  # a finished search is never resumed
         results_dir = results_root / name
-        if not (results_dir / "space.yaml").is_file():
-            raise UserError(f"--resume: {results_dir} holds no search to resume; drop --resume to start one")
-        space = parse_space(yaml.safe_load((results_dir / "space.yaml").read_text()), name=space.name,
-                            source=str(results_dir / "space.yaml"))
+        space = parse_space(yaml.safe_load((results_dir / "space.yaml").read_text()),
+                            name=runstate.space_of(results_dir), source=str(results_dir / "space.yaml"))
         storage = yaml.safe_load((results_dir / "run.yaml").read_text())["storage"]
     else:
+        name = name or space.name
         roots = [results_root] + ([Path(storage)] if storage and "://" not in storage else [])
         fresh = free_name(name, *roots)
         renamed_from, name = (name if fresh != name else None), fresh
@@ -159,52 +102,120 @@ def _locate(space: Space, name: str | None, results_root: Path, storage: str | N
 
 
 def run(space: Space, *, name: str | None = None, results_root: str | Path = "results", storage: str | None = None,
-        address: str | None = None, resume: bool = False, command: str = "", out=print, log=()) -> Outcome:
-    """Run (or resume) a search over `space`, score the best trials with TTA, and write the results."""
+        address: str | None = None, resume: bool = False, command: str = "", out=None, log=()) -> Outcome:
+    """Run (or resume) a search over `space`, confirm its best configs against the baseline, and write
+    the results."""
     t0 = time.time()
+    out = out or say
     space, name, renamed_from, results_dir, storage = _locate(space, name, Path(results_root).resolve(), storage,
                                                              resume)
     preflight.check(space, address, out)
     for d in space.options("data"):  # download or write the data once here, not in every trial
         if not Path(d).expanduser().exists():
-            data.prepare_source(d)
+            sources.prepare_source(d)
     searched = list(space.searched)
     s = space.search
     cluster.connect(address, s)  # before anything is written: a cluster without the asked GPUs is an error
+    stop = runstate.catch(out)  # Ctrl-C and SIGTERM stop the search cleanly from here (runstate.py)
     try:
         if not resume:  # claim the name: from here on this folder is this search's
             results_dir.mkdir(parents=True)
-            write_atomic(results_dir / "space.yaml", space_to_yaml(space.values, space.search))
+            write_atomic(results_dir / "space.yaml", space_to_yaml(space.values, space.search, space.baseline))
             write_atomic(results_dir / "run.yaml", yaml.safe_dump({
-                "command": command, "name": name, "storage": storage,
-                "experiment": f"{storage.rstrip('/')}/{name}", "searched": searched, "versions": versions()},
+                "command": command, "name": name, "space": space.name, "status": runstate.RUNNING,
+                "storage": storage, "experiment": f"{storage.rstrip('/')}/{name}", "searched": searched,
+                "versions": versions()},
                 sort_keys=False))
+        judged = f"a {s.holdout:.0%} holdout of train/" if s.select_on == "holdout" else "val/ (optimistic)"
         out(f"tune-sota: searching '{space.name}' as {name}: {s.num_samples} trials, "
-            f"{', '.join(searched) or 'nothing'} searched; results in {results_dir}")
+            f"{', '.join(searched) or 'nothing'} searched, judged on {judged}; results in {results_dir}")
         fn = tune.with_resources(trainable.trial, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
-        if resume:
+        if resume and tune.Tuner.can_restore(f"{storage.rstrip('/')}/{name}"):  # else stopped before Ray saved
             tuner = tune.Tuner.restore(f"{storage.rstrip('/')}/{name}", trainable=fn, resume_unfinished=True,
                                        resume_errored=True)
         else:
-            tuner = tune.Tuner(fn, param_space={k: to_tune(v) for k, v in space.values.items()},
-                               tune_config=tune_config(space, results_dir),
+            tuner = tune.Tuner(fn, param_space=param_space(space), tune_config=tune_config(space, name, results_dir),
                                run_config=run_config(space, name, storage, out,
                                                      tracker_callbacks(log, results_dir, name, out)))
         grid = tuner.fit()
+        stop.check()  # after every phase: nothing later runs once Ctrl-C or SIGTERM came
         trials, history = results.tables(grid, searched, finished=True)
-        best_row, best = _score_best(grid, trials, space, out, local=address is None)
+        _close_study(space, name, results_dir, set(trials.trial_id))
+        configs = {str(r.metrics.get("trial_id") or Path(str(r.path)).name): Config(**r.config) for r in grid
+                   if r.config}
+        runs = confirm.plan(space, trials, configs)
+        confirmed = pd.DataFrame(columns=confirm.COLUMNS)
+        if runs:
+            n_base = sum(r["role"] == confirm.BASELINE for r in runs)
+            out(f"tune-sota: confirming the best {s.confirm_top} config(s) on val/ with {s.confirm_seeds} seed(s) "
+                f"each, against the baseline ({n_base} run(s)); {len(runs)} runs")
+            confirmed = confirm.run(runs, space=space, storage=storage, name=name, callbacks=[
+                Progress([], len(runs), out), runstate.StopAtCheckpoint()])
+        stop.check()
+    except runstate.Stopped as stopped:
+        raise _interrupted(stopped.signum, name, results_dir, results_root, address, t0, renamed_from) from None
     finally:
+        stop.release()
         ray.shutdown()
 
+    answer = confirm.answer(confirmed) if len(confirmed) else None
+    trials = _with_confirmed(trials, confirmed)
     write_atomic(results_dir / "trials.csv", trials.to_csv(index=False))
     write_atomic(results_dir / "history.csv", history.to_csv(index=False))
+    if len(confirmed):
+        write_atomic(results_dir / "confirm.csv", confirmed.to_csv(index=False))
+    best, best_row = _winner(space, trials, configs, answer)
     if best is not None:
-        block = {k: best_row[k] for k in ("accuracy", "tta_accuracy", "epochs_run", "trial_id")}
-        block.update(search=name, command=command, checkpoint=best_row["path"], versions=versions())
-        header = f"# Best trial of `{command}`; retrain it with: tune-sota train --config {results_dir}/best.yaml\n"
-        write_atomic(results_dir / "best.yaml", header + space_to_yaml(best.to_dict(), result=_plain(block)))
+        block = _result_block(space, best_row, answer, trials, name=name, command=command, wall_s=time.time() - t0)
+        header = f"# Best config of `{command}`; retrain it with: tune-sota train --config {results_dir}/best.yaml\n"
+        write_atomic(results_dir / "best.yaml", header + space_to_yaml(best.to_dict(), result=block))
     write_quietly(results_dir, out)  # the report is a view of the files above: it never fails a search
-    return Outcome(name, results_dir, trials, best, best_row, time.time() - t0, renamed_from)
+    runstate.mark(results_dir, runstate.FINISHED)  # from here on --resume refuses to touch it
+    disk = _prune_checkpoints(space, trials, best_row, results_dir, storage, name)  # last: every phase is done
+    return Outcome(name, results_dir, trials, best, best_row, time.time() - t0, renamed_from, confirmed, answer,
+                   s.select_on, disk)
+
+
+def _interrupted(signum: int, name: str, results_dir: Path, results_root, address: str | None, t0: float,
+                 renamed_from: str | None) -> runstate.SearchInterrupted:
+    """A search stopped by a signal: marked interrupted, its trials as Ray saved them, how to resume it."""
+    runstate.mark(results_dir, runstate.INTERRUPTED)
+    try:
+        trials = results.live_tables(results_dir)[0]
+    except Exception as e:  # stopped before Ray saved any state: there is nothing to tabulate yet
+        log.debug("no trial table of the interrupted search: %s", e)
+        trials = pd.DataFrame(columns=["trial_id", "status"])
+    outcome = Outcome(name, results_dir, trials, None, {}, time.time() - t0, renamed_from)
+    return runstate.SearchInterrupted(outcome, signum, runstate.command(name, results_root, address))
+
+
+def say(line: str) -> None:
+    """Print a progress line (a module function: Tune pickles the callbacks that hold it, and after a
+    first fit `print` itself no longer pickles)."""
+    print(line, flush=True)
+
+
+def _prune_checkpoints(space: Space, trials: pd.DataFrame, best_row: dict, results_dir: Path, storage: str,
+                       name: str) -> int | None:
+    """Delete the checkpoints nobody will load once the search is over: those of every trial but the best
+    `max(1, confirm_top)` completed ones and the winner (`keep_checkpoints: all` keeps them all; the
+    confirmation runs keep theirs). Returns the bytes the search keeps on disk (None on remote storage)."""
+    if "://" in storage:
+        return None
+    experiment = Path(storage) / name
+    if space.search.keep_checkpoints != "all" and len(trials):
+        done = trials[trials.status == results.COMPLETED].head(max(1, space.search.confirm_top))
+        freed = model.prune(trials.path, {*done.path, *([best_row["path"]] if best_row.get("path") else [])})
+        log.info("removed %s of checkpoints of trials nobody will load", model.human(freed))
+    return model.disk_usage(*{results_dir.resolve(), experiment.resolve()})
+
+
+def param_space(space: Space) -> dict:
+    """What Tune passes every trial besides the searcher's values: the fixed values, and the holdout the
+    trials are judged on (none when selecting on val/)."""
+    s = space.search
+    fixed = {k: v for k, v in space.values.items() if not isinstance(v, Dist)}
+    return {**fixed, "holdout": s.holdout if s.select_on == "holdout" else 0.0}
 
 
 def trial_dirname(trial) -> str:
@@ -212,66 +223,101 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def tune_config(space: Space, results_dir: Path) -> tune.TuneConfig:
+def make_searcher(space: Space, name: str, results_dir: Path) -> searcher.StudySearcher | None:
+    """The Optuna searcher over the space's distributions, its study in `search.storage` (None when
+    nothing is searched)."""
     s = space.search
-    searcher = None
-    if space.searched:
-        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials)
-        searcher = PrunedAwareOptunaSearch(sampler=sampler, study_log=str(results_dir / "optuna.csv"))
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=max_epochs(space), grace_period=s.grace_period,
-                              reduction_factor=s.reduction_factor)
-    return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                           num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent or None,
-                           trial_dirname_creator=trial_dirname,
+    if not space.searched:
+        return None
+    return searcher.StudySearcher(space.searched, storage=searcher.study_url(results_dir, s.storage),
+                                  study_name=name, metric=METRIC, mode=MODE, kind=s.searcher, seed=s.seed,
+                                  startup_trials=s.startup_trials)
+
+
+def tune_config(space: Space, name: str, results_dir: Path) -> tune.TuneConfig:
+    """Searcher, scheduler, sample count and concurrency of a search."""
+    s = space.search
+    early = scheduler.make_scheduler(s.scheduler, grace=s.grace,
+                                     reduction_factor=s.reduction_factor, max_epochs=max_epochs(space),
+                                     state_file=str(results_dir / "scheduler.json"))
+    return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(space, name, results_dir),
+                           scheduler=early, num_samples=s.num_samples,
+                           max_concurrent_trials=s.max_concurrent or None, trial_dirname_creator=trial_dirname,
                            # A trial after the first starts in the process of one that finished: no
                            # new worker importing torch and fastai (seconds each on a small machine).
                            reuse_actors=True)
 
 
 def run_config(space: Space, name: str, storage: str, out, trackers=()) -> tune.RunConfig:
+    """Where a search's trials live, its progress lines, checkpoints kept and retries."""
     s = space.search
     return tune.RunConfig(
         name=name, storage_path=storage, verbose=0,
-        callbacks=[Progress(list(space.searched), s.num_samples, out), *trackers],
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints),
+        callbacks=[Progress(list(space.searched), s.num_samples, out), runstate.StopAtCheckpoint(), *trackers],
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=None if s.keep_checkpoints == "all" else s.keep_checkpoints),
         failure_config=tune.FailureConfig(max_failures=3),  # lost workers/nodes; trial errors are not retried
     )
 
 
-def _score_best(grid, trials: pd.DataFrame, space: Space, out, *, local: bool) -> tuple[dict, Config | None]:
-    """TTA-score the top completed trials from their last checkpoints; the best by plain accuracy wins.
-    `local`: Ray runs on this machine only, so score here rather than in a new Ray worker."""
+def _close_study(space: Space, name: str, results_dir: Path, ray_ids: set[str]) -> None:
+    """Fail study trials that Ray never recorded (a driver killed between the two saves)."""
+    study = make_searcher(space, name, results_dir)
+    if study is not None and study.abandon_unknown(ray_ids):
+        log.info("study: trials of a killed driver that Ray never recorded are marked failed")
+
+
+def _with_confirmed(trials: pd.DataFrame, confirmed: pd.DataFrame) -> pd.DataFrame:
+    """The trial table with each confirmed trial's mean val/ accuracy, plainly and with TTA."""
+    trials = trials.copy()
+    trials["confirmed_accuracy"], trials["confirmed_tta"] = math.nan, math.nan
+    ok = confirmed[(confirmed.role == confirm.CANDIDATE) & (confirmed.error.fillna("") == "")]
+    for trial_id, runs in ok.groupby("trial_id"):
+        at = trials.trial_id == trial_id
+        trials.loc[at, "confirmed_accuracy"] = runs.accuracy.mean()
+        trials.loc[at, "confirmed_tta"] = runs.tta_accuracy.mean()
+    return trials
+
+
+def _winner(space: Space, trials: pd.DataFrame, configs: dict[str, Config], answer: dict | None):
+    """(config, trial row) of the best confirmed mean, or of the best completed trial when nothing was
+    confirmed; (None, {}) when no trial trained all its epochs."""
     done = trials[trials.status == results.COMPLETED]
     if done.empty:
-        return {}, None
-    by_path = {str(r.path): r for r in grid}
-    top = done.head(space.search.score_top)
+        return None, {}
+    trial_id = answer["winner"]["trial_id"] if answer else done.trial_id.iloc[0]
+    row = trials[trials.trial_id == trial_id].iloc[0].to_dict()
+    return Config(**{**configs[trial_id].to_dict(), "holdout": 0.0}), row
+
+
+def _result_block(space: Space, row: dict, answer: dict | None, trials: pd.DataFrame, *, name: str, command: str,
+                  wall_s: float) -> dict:
+    """best.yaml's `result:`: what was chosen on what, the confirmed figures, the gain, the cost."""
     s = space.search
-    out(f"tune-sota: scoring the best {len(top)} trial(s) with test-time augmentation")
-    runs = {i: (by_path[row.path].config, by_path[row.path].checkpoint) for i, row in top.iterrows()}
-    if local:  # this process has fastai loaded and the trials' resources are free: no worker to start
-        scores = {i: trainable.score(config, ckpt) for i, (config, ckpt) in runs.items()}  # with every CPU
-    else:  # on the cluster's nodes, where the GPUs are
-        refs = {i: trainable.score_remote(config, ckpt, cpus=s.cpus_per_trial, gpus=s.gpus_per_trial)
-                for i, (config, ckpt) in runs.items()}
-        scores = {i: ray.get(ref) for i, ref in refs.items()}
-    for i, scored in scores.items():
-        trials.loc[i, "tta_accuracy"] = scored["tta_accuracy"]
-    best_row = trials.loc[top.index[0]].to_dict()
-    best = space.resolve({k: by_path[best_row["path"]].config[k] for k in space.searched})
-    return best_row, best
+    block = {"search": name, "trial_id": row["trial_id"], "select_on": s.select_on,
+             "selection_accuracy": row["accuracy"]}
+    if answer:
+        w, b = answer["winner"], answer["baseline"]
+        block.update(accuracy=w["accuracy_mean"], tta_accuracy=w["tta_mean"],
+                     winner={k: v for k, v in w.items() if k != "trial_id"}, baseline=b,
+                     gain_points=answer.get("gain_points"), gain_tta_points=answer.get("gain_tta_points"))
+    else:
+        block.update(accuracy=row["accuracy"], tta_accuracy=None, note="not confirmed (confirm_top 0)")
+    block.update(cost={"search_trial_s": float(trials.time_s.sum()),
+                       "confirm_trial_s": answer["confirm_s"] if answer else 0.0, "wall_s": wall_s},
+                 command=command, checkpoint=row.get("path", ""), versions=versions())
+    return _plain(block)
 
 
-def _plain(d: dict) -> dict:
-    """numpy/pandas scalars as plain YAML values."""
-    out = {}
-    for k, v in d.items():
-        if hasattr(v, "item"):
-            v = v.item()
-        if isinstance(v, float) and math.isnan(v):
-            v = None
-        out[k] = v
-    return out
+def _plain(v):
+    """numpy/pandas scalars (in dicts and lists) as plain YAML values; NaN as null."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if hasattr(v, "item"):
+        v = v.item()
+    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 def command_line() -> str:

@@ -1,5 +1,5 @@
-"""The Ray Tune side of a trial: a thin function trainable around `recipe.train`, and the scoring
-of a finished trial's checkpoint with TTA (here, or as a Ray task on a cluster's node).
+"""The Ray Tune side of training: thin function trainables around `recipe.train` for search trials and
+confirmation runs (whose last report adds the TTA accuracy), and the scoring of a trial's checkpoint.
 
 It lives in the package (not a script) so that Ray workers import it, and with it the fastai
 modules whose import patches `Learner` (fit_one_cycle, tta, to_bf16).
@@ -22,8 +22,10 @@ from ray import tune
 
 from tune_sota import recipe
 from tune_sota.config import Config
+from tune_sota.results import EpochReport
 
 STATE_FILE = "state.pt"  # model and optimizer (recipe.save_state)
+log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"  # what the epoch reported, to repeat it for a trial restored when already done
 
 
@@ -32,7 +34,18 @@ def _assigned_cpus() -> float | None:
 
 
 def trial(config: dict) -> None:
-    """One trial: train `config`, reporting every epoch with a checkpoint; resume from one if given.
+    """One search trial: train `config`, reporting every epoch with a checkpoint; resume from one if given."""
+    _run(config, tta=False)
+
+
+def confirmation(config: dict) -> None:
+    """One confirmation run (`config["run"]`, see `confirm.plan`): like a trial, and its last report adds
+    the TTA accuracy."""
+    _run(config["run"]["config"], tta=True)
+
+
+def _run(config: dict, tta: bool) -> None:
+    """Train `config` under Tune, one report per epoch (each with a checkpoint), resuming from one.
 
     An exception inside training (a bad image, CUDA out of memory) is reported as the trial's
     `error` rather than raised, so Ray does not retry a trial that would fail again; Ray's own
@@ -54,21 +67,19 @@ def trial(config: dict) -> None:
     last = {"epoch": restored.get("epoch", 0), "accuracy": restored.get("accuracy", 0.0)}
     # Where this attempt runs and which epoch it started from: after a lost node, the history shows
     # the retried trial carrying on from its checkpoint rather than from epoch 1.
-    where = {"node": ray.get_runtime_context().get_node_id()[:12], "start_epoch": 0}
+    where = {"error": "", "node": ray.get_runtime_context().get_node_id()[:12], "start_epoch": 0}
+    held = {}  # a confirmation's last epoch, reported once its TTA score is known
 
-    def report(r: recipe.EpochReport, learn) -> None:
-        metrics = {"epoch": r.epoch, "epochs": r.epochs, "size": r.size, "accuracy": r.accuracy,
-                   "valid_loss": r.valid_loss, "train_loss": r.train_loss, "epoch_s": r.seconds,
-                   "diverged": r.diverged, "error": "", **where}
+    def report(r: EpochReport, learn) -> None:
+        metrics = r.row(**where)
         if r.diverged:  # no checkpoint of a model that has gone to NaN
-            metrics["accuracy"] = 0.0
-            tune.report(metrics)
+            tune.report({**metrics, "accuracy": 0.0})
             return
         last.update(epoch=r.epoch, accuracy=r.accuracy)
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / STATE_FILE).write_bytes(recipe.save_state(learn, r.epoch))
-            (Path(d) / METRICS_FILE).write_text(json.dumps(metrics))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        if tta and r.epoch == r.epochs:
+            held.update(metrics)
+            return
+        _report_with_checkpoint(metrics, learn, r.epoch)
 
     if blob is not None:
         where["start_epoch"] = recipe.checkpoint_epoch(blob)
@@ -76,13 +87,22 @@ def trial(config: dict) -> None:
             tune.report({**restored, **where})
             return
     try:
-        recipe.train(cfg, cpus=_assigned_cpus(), on_epoch=report, checkpoint=blob)
+        learn = recipe.train(cfg, cpus=_assigned_cpus(), on_epoch=report, checkpoint=blob)
+        if held:
+            _report_with_checkpoint({**held, **recipe.score(learn)}, learn, cfg.epochs)
     except Exception as e:  # recorded, not retried: see the docstring
         message = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-        print(f"trial failed: {message}\n{traceback.format_exc()}")
-        tune.report({"epoch": last["epoch"], "epochs": cfg.epochs, "size": 0, "accuracy": last["accuracy"],
-                     "valid_loss": math.nan, "train_loss": math.nan, "epoch_s": 0.0, "diverged": False,
-                     "error": message, **where})
+        log.error("trial failed: %s\n%s", message, traceback.format_exc())
+        failed = EpochReport(epoch=last["epoch"], epochs=cfg.epochs, size=0, train_loss=math.nan,
+                             valid_loss=math.nan, accuracy=last["accuracy"], epoch_s=0.0)
+        tune.report(failed.row(**{**where, "error": message}))
+
+
+def _report_with_checkpoint(metrics: dict, learn, epochs_done: int) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / STATE_FILE).write_bytes(recipe.save_state(learn, epochs_done))
+        (Path(d) / METRICS_FILE).write_text(json.dumps(metrics))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
 def score(config: dict, checkpoint: tune.Checkpoint, cpus: float | None = None) -> dict[str, float]:
@@ -90,13 +110,3 @@ def score(config: dict, checkpoint: tune.Checkpoint, cpus: float | None = None) 
     with checkpoint.as_directory() as d:
         blob = (Path(d) / STATE_FILE).read_bytes()
     return recipe.evaluate(Config(**config), blob, cpus=cpus)
-
-
-def _score_task(config: dict, checkpoint: tune.Checkpoint) -> dict[str, float]:
-    warnings.filterwarnings("ignore")
-    return score(config, checkpoint, _assigned_cpus())
-
-
-def score_remote(config: dict, checkpoint: tune.Checkpoint, *, cpus: float, gpus: float) -> ray.ObjectRef:
-    """Score a trial's checkpoint plainly and with TTA, on a worker with the trial's resources."""
-    return ray.remote(num_cpus=cpus, num_gpus=gpus)(_score_task).remote(config, checkpoint)

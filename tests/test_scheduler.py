@@ -1,0 +1,92 @@
+"""The schedule-fair ASHA: its rule on synthetic one-cycle curves, its rung records across a resume, and
+a real Ray Tune run against Ray's stock ASHA. No fastai: the curves are made up, the scheduler is real."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+
+import pytest
+import ray
+from ray import tune
+
+from tune_sota.schedule import rung_shares
+from tune_sota.scheduler import ScheduleASHA, make_scheduler
+
+# (epochs, quality): longer schedules end better, the 0.5-quality run is simply worse.
+RUNS = [{"epochs": 2, "q": 1.0}, {"epochs": 4, "q": 1.0}, {"epochs": 8, "q": 1.0}, {"epochs": 8, "q": 0.5}]
+
+
+def accuracy(epochs: int, q: float, epoch: int) -> float:
+    """A one-cycle-like curve: poor while the learning rate is high, rising as it anneals; its end
+    grows with the schedule's length. Mid-way, a long run is worse than a short one that has finished."""
+    final = q * (0.5 + 0.05 * epochs)
+    return final * (0.3 + 0.7 * (epoch / epochs) ** 2)
+
+
+def synthetic(config):
+    run = config["run"]
+    for e in range(1, run["epochs"] + 1):
+        tune.report({"epoch": e, "epochs": run["epochs"], "accuracy": accuracy(run["epochs"], run["q"], e)})
+
+
+def test_rung_shares():
+    assert rung_shares(0.5, 2) == [0.5]
+    assert rung_shares(0.25, 2) == [0.25, 0.5]
+    assert rung_shares(0.1, 3) == pytest.approx([1 / 9, 1 / 3])
+    assert rung_shares(0.6, 2) == []
+
+
+def test_rule_compares_trials_at_the_same_share_of_their_schedules(tmp_path):
+    s = ScheduleASHA(shares=[0.5], reduction_factor=2, metric="accuracy", mode="max",
+                     state_file=str(tmp_path / "rungs.json"))
+    for i, run in enumerate(RUNS):
+        decisions = [s.decide(str(i), e, run["epochs"], accuracy(run["epochs"], run["q"], e))
+                     for e in range(1, run["epochs"] + 1)]
+        # judged once, at the first epoch at or past half its schedule
+        assert decisions.count("STOP") == (1 if run["q"] < 1 else 0), (run, decisions)
+    assert sorted(s.records[0.5]) == ["0", "1", "2", "3"]
+    assert s.records[0.5]["2"] == pytest.approx(accuracy(8, 1.0, 4))
+
+
+def test_rung_records_survive_a_resume(tmp_path):
+    state = str(tmp_path / "rungs.json")
+    first = ScheduleASHA(shares=[0.25, 0.5], reduction_factor=2, metric="accuracy", mode="max", state_file=state)
+    assert first.decide("a", 2, 4, 0.8) == "CONTINUE"  # alone at both rungs
+    restored = pickle.loads(pickle.dumps(first))  # as Tuner.restore brings it back
+    restored.records = {s: {} for s in restored.shares}
+    restored.__setstate__(restored.__dict__)  # what unpickling does: read the saved records
+    assert restored.records == {0.25: {"a": 0.8}, 0.5: {"a": 0.8}}
+    # "b" is below "a" at the 25% rung: stopped there, as the uninterrupted scheduler would have done
+    assert restored.decide("b", 1, 4, 0.5) == "STOP"
+    fresh = ScheduleASHA(shares=[0.25, 0.5], reduction_factor=2, metric="accuracy", mode="max")
+    assert fresh.decide("b", 1, 4, 0.5) == "CONTINUE", "an empty rung would have let it through"
+
+
+def _best_completed(scheduler) -> tuple[float, list[dict]]:
+    tuner = tune.Tuner(synthetic, param_space={"run": tune.grid_search(RUNS)},
+                       tune_config=tune.TuneConfig(metric="accuracy", mode="max", scheduler=scheduler,
+                                                   max_concurrent_trials=1),
+                       run_config=tune.RunConfig(verbose=0, storage_path=str(_tmp / "ray")))
+    done = [r for r in tuner.fit() if r.metrics["epoch"] == r.metrics["epochs"]]
+    return max(r.metrics["accuracy"] for r in done), [r.config["run"] for r in done]
+
+
+_tmp = None
+
+
+def test_fair_asha_keeps_the_long_schedule_that_stock_asha_stops(tmp_path):
+    global _tmp
+    _tmp = tmp_path
+    # Ray's workers cannot import a test module: send the synthetic trainable by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        stock, stock_done = _best_completed(make_scheduler("ray-asha", grace=1 / 8, reduction_factor=2, max_epochs=8))
+        fair, fair_done = _best_completed(make_scheduler("asha", grace=0.5, reduction_factor=2, max_epochs=8,
+                                                         state_file=str(tmp_path / "rungs.json")))
+    finally:
+        ray.shutdown()
+    best_final = accuracy(8, 1.0, 8)
+    assert {"epochs": 8, "q": 1.0} not in stock_done and stock < best_final, "stock ASHA stops the long run mid-way"
+    assert fair == pytest.approx(best_final) and {"epochs": 8, "q": 0.5} not in fair_done

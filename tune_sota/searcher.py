@@ -1,0 +1,163 @@
+"""The searcher: Optuna behind Ray Tune's public `Searcher` interface, with the study in an Optuna
+storage (an SQLite file in the results folder unless `search.storage` names a database).
+
+Owned here rather than taken from Ray's `OptunaSearch`, because that one tells Optuna that a trial
+ASHA stopped *completed* with its partial-budget accuracy, which TPE then ranks beside fully trained
+trials. Here such a trial is PRUNED (its per-epoch accuracies kept as intermediate values), a trial
+that diverged or raised is FAIL, and only a trial that trained its whole schedule is COMPLETE.
+
+Only public APIs are used: Ray's `Searcher` methods, Optuna's ask/tell, `Trial.report`, and the
+storage's public methods. Every study trial carries its Ray trial id as the user attribute
+`ray_trial_id`, so the study on disk is the searcher's whole state: a resumed search reloads it by
+name, and `optuna.load_study` or `optuna-dashboard` read the same file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from tune_sota.config import Dist
+
+log = logging.getLogger(__name__)
+
+RAY_ID = "ray_trial_id"  # the user attribute that links a study trial to its Ray trial
+SAMPLERS = ("tpe", "random")
+
+
+def distribution(d: Dist) -> BaseDistribution:
+    """Optuna's distribution for a space value (`randint` bounds are inclusive in both)."""
+    if d.kind == "choice":
+        return CategoricalDistribution(list(d.args))
+    if d.kind == "randint":
+        return IntDistribution(int(d.args[0]), int(d.args[1]))
+    return FloatDistribution(float(d.args[0]), float(d.args[1]), log=d.kind == "loguniform")
+
+
+def sampler(kind: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler named `kind`: TPE after `startup_trials` random ones, or random throughout."""
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
+
+
+def study_url(results_dir: Path, storage: str = "") -> str:
+    """Where a search keeps its study: `storage` if given, else `results_dir/study.db`."""
+    return storage or f"sqlite:///{Path(results_dir).resolve() / 'study.db'}"
+
+
+def outcome(result: dict | None, error: bool) -> TrialState:
+    """How a finished Ray trial reaches the study: trained its whole schedule, stopped early, or failed."""
+    r = result or {}
+    if error or r.get("error") or r.get("diverged") or not r:
+        return TrialState.FAIL
+    return TrialState.COMPLETE if r.get("epoch", 0) >= r.get("epochs", 0) else TrialState.PRUNED
+
+
+class StudySearcher(Searcher):
+    """Optuna's sampler proposing trials for Ray Tune, told the truth about each trial's end."""
+
+    def __init__(self, space: dict[str, Dist], *, storage: str, study_name: str, metric: str, mode: str,
+                 kind: str = "tpe", seed: int = 0, startup_trials: int = 4):
+        super().__init__(metric=metric, mode=mode)
+        self.distributions = {k: distribution(d) for k, d in space.items()}
+        self.storage, self.study_name = storage, study_name
+        self.kind, self.seed, self.startup_trials = kind, seed, startup_trials
+        self._study: optuna.Study | None = None
+        self._storage = None
+        self._numbers: dict[str, int] = {}  # Ray trial id -> study trial number
+        self._live: dict[int, optuna.Trial] = {}  # trials asked (or re-attached) in this process
+
+    # Ray pickles the searcher with the experiment; the study is reloaded from storage instead.
+    def __getstate__(self):
+        return {**self.__dict__, "_study": None, "_storage": None, "_numbers": {}, "_live": {}}
+
+    @property
+    def study(self) -> optuna.Study:
+        """The study, created on first use or loaded from storage (a resumed search)."""
+        if self._study is None:
+            direction = "maximize" if self.mode == "max" else "minimize"
+            self._storage = optuna.storages.get_storage(self.storage)
+            self._study = optuna.create_study(storage=self._storage, study_name=self.study_name,
+                                              direction=direction, load_if_exists=True,
+                                              sampler=sampler(self.kind, self.seed, self.startup_trials))
+            for t in self._study.get_trials(deepcopy=False):
+                if RAY_ID in t.user_attrs:
+                    self._numbers[t.user_attrs[RAY_ID]] = t.number
+        return self._study
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        """Accept Tune's metric and mode when not given here; the space is always our own."""
+        self._metric = self._metric or metric
+        self._mode = self._mode or mode
+        return True
+
+    def suggest(self, trial_id: str) -> dict | None:
+        """Ask the study for a new trial's values, tagged with the Ray trial id."""
+        trial = self.study.ask(self.distributions)
+        trial.set_user_attr(RAY_ID, trial_id)
+        self._numbers[trial_id] = trial.number
+        self._live[trial.number] = trial
+        return dict(trial.params)
+
+    def _trial(self, trial_id: str) -> optuna.Trial | None:
+        """The running study trial of a Ray trial (re-attached through the storage after a resume)."""
+        study = self.study  # loads the Ray id map on first use
+        number = self._numbers.get(trial_id)
+        if number is None:
+            return None
+        if number not in self._live:
+            if study.get_trials(deepcopy=False)[number].state != TrialState.RUNNING:
+                return None
+            sid = self._storage.get_study_id_from_name(self.study_name)
+            self._live[number] = optuna.Trial(study, self._storage.get_trial_id_from_study_id_trial_number(sid, number))
+        return self._live[number]
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Each epoch's accuracy becomes an intermediate value at step `epoch`."""
+        self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        trial = self._trial(trial_id)
+        if trial is None or result.get("error") or result.get("diverged") or self.metric not in result:
+            return
+        step = int(result["epoch"])
+        if step not in self.study.get_trials(deepcopy=False)[trial.number].intermediate_values:
+            trial.report(float(result[self.metric]), step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Tell the study how the trial ended: COMPLETE with its final accuracy, PRUNED, or FAIL."""
+        trial = self._trial(trial_id)
+        if trial is None:
+            return
+        state = outcome(result, error)
+        if state != TrialState.FAIL:
+            # Tune hands the result a scheduler stopped a trial on only to this method.
+            self._report(trial_id, result)
+        value = float(result[self.metric]) if state == TrialState.COMPLETE else None
+        self.study.tell(trial.number, value, state=state)
+        self._live.pop(trial.number, None)
+
+    def abandon_unknown(self, ray_ids: set[str]) -> int:
+        """Fail study trials still running that Ray no longer has (the driver died between asking the
+        study and saving its own state); returns how many."""
+        n = 0
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get(RAY_ID) not in ray_ids:
+                self.study.tell(t.number, state=TrialState.FAIL)
+                n += 1
+        return n
+
+    def save(self, checkpoint_path: str) -> None:
+        """The study is on disk already; Ray's checkpoint only records where."""
+        Path(checkpoint_path).write_text(f"{self.storage}\n{self.study_name}\n")
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Reload the study from storage (its trials carry their Ray ids)."""
+        self._study, self._numbers, self._live = None, {}, {}
+        self.study  # noqa: B018  (loads the study and the Ray id map)
