@@ -50,6 +50,12 @@ class Search:
     study: object | None = None  # optuna.Study
     notes: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def metric(self) -> str:
+        """What the trials' accuracy was measured on, for axis titles."""
+        on = self.result.get("select_on") or ((self.space.get("search") or {}).get("select_on"))
+        return {"holdout": "accuracy on the holdout", "val": "accuracy on val/"}.get(on, "accuracy")
+
 
 def _yaml(path: Path) -> dict:
     try:
@@ -129,7 +135,7 @@ def best_so_far(trials: pd.DataFrame, order: dict[str, int] | None = None) -> pd
     t = trials.assign(_order=rank).sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
     t["cum_s"] = t.time_s.fillna(0).cumsum()
     done = t.accuracy.where(t.status == results.COMPLETED)
-    t["best"] = done.cummax()
+    t["best"] = done.cummax().ffill()  # cummax leaves a gap at every trial that did not complete
     return t
 
 
@@ -179,7 +185,7 @@ def fig_best_so_far(s: Search):
                   for r in g.itertuples()],
             hovertemplate="%{text}<br>accuracy %{y:.4f}<extra>" + label + "</extra>"))
     return _layout(fig, "Best accuracy so far against trial-time spent", "cumulative trial-seconds (trials in "
-                   "creation order)", "accuracy")
+                   "creation order)", s.metric)
 
 
 def fig_curves(s: Search):
@@ -195,7 +201,7 @@ def fig_curves(s: Search):
             line=dict(color=STATUS_COLORS.get(st, "#333"), width=1.5), marker=dict(size=5),
             hovertemplate=f"{tid} ({st})<br>epoch %{{x}}: accuracy %{{y:.4f}}<extra></extra>"))
         shown.add(st)
-    return _layout(fig, "Every trial's learning curve (validation accuracy after each epoch)", "epoch", "accuracy")
+    return _layout(fig, "Every trial's learning curve (accuracy after each epoch)", "epoch", s.metric)
 
 
 def fig_parallel(s: Search):
@@ -297,7 +303,7 @@ def fig_cost(s: Search):
             customdata=[f"{r.trial_id}<br>{_params(r, s.searched)}" for r in best.itertuples()],
             hovertemplate="best at %{text}: %{customdata}<br>%{x:.0f} s, accuracy %{y:.4f}<extra></extra>"))
     return _layout(fig, "Accuracy against training cost; stars: the best completed config for each epoch budget",
-                   "trial-seconds", "accuracy")
+                   "trial-seconds", s.metric)
 
 
 def fig_confirm(s: Search):
@@ -340,7 +346,9 @@ def _fmt(v, digits=4) -> str:
 
 def _seeds(d: dict) -> str:
     v = d.get("seeds")
-    return str(len(v)) if isinstance(v, list) else str(v or "?")
+    n = len(v) if isinstance(v, list) else v
+    text = f"{n} seed{'s' if n != 1 else ''}" if n is not None else "seeds unknown"
+    return text + (f", {d['epochs']} epochs" if d.get("epochs") else "")
 
 
 def answer_html(s: Search) -> str:
@@ -373,9 +381,9 @@ def answer_html(s: Search) -> str:
             r.get("trial_id") or w.get("trial_id")) else ""
         head = [
             f"<p class='big'>Confirmed winner{source}: <b>{_pm(w, 'accuracy')}</b> accuracy on val/, "
-            f"{_pm(w, 'tta')} with TTA ({_seeds(w)} seeds)</p>",
+            f"{_pm(w, 'tta')} with TTA ({_seeds(w)})</p>",
             f"<p class='big'>Baseline, chapter 7's plain recipe: {_pm(b, 'accuracy')}, {_pm(b, 'tta')} with TTA "
-            f"({_seeds(b)} seeds)</p>",
+            f"({_seeds(b)})</p>",
             f"<p class='big'>Gain: <b>{_signed(r.get('gain_points'))}</b> points, {_signed(r.get('gain_tta_points'))} "
             "with TTA</p>"]
     elif r.get("accuracy") is not None:
@@ -423,7 +431,8 @@ def table_html(s: Search) -> str:
             style = f" style='color:{STATUS_COLORS.get(v, '#333')};font-weight:600'" if c == "status" else ""
             cells.append(f"<td{style}>{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table class='trials'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return (f"<div class='scroll'><table class='trials'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody>"
+            "</table></div>")
 
 
 CSS = """
@@ -434,7 +443,7 @@ h1{margin-bottom:4px} h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bo
 .answer{background:#f3f8ff;border:1px solid #cfe0f7;border-radius:8px;padding:4px 20px 12px}
 .answer h2{border:0;margin-top:12px} .big{font-size:18px;margin:6px 0} .config{font-family:monospace}
 .note,.why{color:#555;font-size:14px} .cost{color:#333}
-table.trials{border-collapse:collapse;font-size:13px;width:100%}
+.scroll{overflow-x:auto} table.trials{border-collapse:collapse;font-size:13px;width:100%}
 table.trials th,table.trials td{border-bottom:1px solid #eee;padding:3px 8px;text-align:right}
 table.trials th{background:#fafafa;position:sticky;top:0}
 """
