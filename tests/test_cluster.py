@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli, tiny, write_space
+from tests.conftest import ROOT, cli, make_image_folder, tiny, write_space
+from tune_sota import load_trials
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ def test_auto_names_a_dead_cluster_in_one_line_within_seconds(ray_tmp, tmp_path,
     space = write_space(tmp_path / "s.yaml", tiny(image_folder))
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    run = cli("search", "--space", space, "--address", "auto", "--results", tmp_path / "results", timeout=60)
+    run = cli("cluster-check", "--address", "auto", timeout=60)  # joins as search does, without torch's import
     assert_one_line_error(run, "--address auto: no cluster was started with `ray start`", "ray start --head")
 
     dead = f"127.0.0.1:{free_port()}"
@@ -75,3 +76,142 @@ def test_auto_names_a_dead_cluster_in_one_line_within_seconds(ray_tmp, tmp_path,
     run = cli("search", "--space", space, "--address", "auto", "--results", tmp_path / "results", timeout=60)
     assert_one_line_error(run, f"--address auto ({dead}): nothing answers there", "has stopped")
     assert time.time() - t0 < 30 and not (tmp_path / "results").exists()
+
+
+def run_cli(env: dict, *args, timeout=600) -> subprocess.CompletedProcess:
+    """`tune-sota ARGS` as a user on another machine (HOME, RAY_TMPDIR...) would run it."""
+    return subprocess.run([sys.executable, "-m", "tune_sota.cli", *map(str, args)], cwd=ROOT,
+                          env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=timeout)
+
+
+def user_env(root: Path, home: Path, **extra) -> dict:
+    """The environment of a user whose home is `home`: no Ray settings but what they export."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return {**env, "HOME": str(home), "RAY_TMPDIR": str(root), **extra}
+
+
+class RayNodes:
+    """`ray start` processes of one test: each in a session of its own, stopped by its process group."""
+
+    def __init__(self, root: Path):
+        self.root, self.groups, self.address = root, [], None
+
+    def start(self, env: dict, *args) -> str:
+        """Run `ray start ARGS` (which returns once its daemons run); the cluster's address."""
+        proc = subprocess.Popen([shutil.which("ray") or "ray", "start", "--num-cpus", "1", "--disable-usage-stats",
+                                 "--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(free_port()),
+                                 *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        self.groups.append(proc.pid)  # the daemons it starts keep its session and process group
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-3000:]
+        self.address = (self.root / "ray" / "ray_current_cluster").read_text().strip()
+        return self.address
+
+    def mine(self) -> list[int]:
+        """Live processes of ours: in our process groups, or naming our temp folder."""
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                stat = (proc / "stat").read_text()
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            state, pgid = stat.rsplit(")", 1)[1].split()[0], int(stat.rsplit(")", 1)[1].split()[3])
+            if state != "Z" and (pgid in self.groups or str(self.root) in cmdline):
+                pids.append(int(proc.name))
+        return pids
+
+    def stop(self):
+        """SIGTERM our process groups, SIGKILL what is left after 10 s; never `ray stop` (it stops every Ray here)."""
+        for sig, grace in ((15, 10), (9, 5)):
+            for pid in self.mine():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            end = time.time() + grace
+            while self.mine() and time.time() < end:
+                time.sleep(0.5)
+        assert not self.mine(), f"processes of this test still run: {self.mine()}"
+
+
+@pytest.fixture
+def nodes(ray_tmp):
+    n = RayNodes(ray_tmp)
+    try:
+        yield n
+    finally:
+        n.stop()
+
+
+def test_two_node_cluster_as_users_start_it(nodes, ray_tmp, tmp_path):
+    home = ray_tmp / "home"  # the user's home on every "machine": ~/.ray/auth_token is the cluster's token
+    env = user_env(ray_tmp, home)
+    # The README's recipe: the head makes the token, every node and the driver find it in ~/.ray/auth_token.
+    token = subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert token.returncode == 0 and (home / ".ray" / "auth_token").is_file(), token.stderr
+    node_env = {**env, "RAY_AUTH_MODE": "token"}
+    head = nodes.start(node_env, "--head", "--port", free_port(), "--include-dashboard", "false",
+                       "--dashboard-port", free_port(), "--temp-dir", ray_tmp / "ray")
+    nodes.start(node_env, "--address", head)
+
+    # Trials of a few seconds (as in test_faults' multi-node test), all proposed at once (a fixed config
+    # run 4 times): two that start together cannot both run on the head's one CPU.
+    data = make_image_folder(tmp_path / "data", per_class=(80, 10), px=32)
+    space = write_space(tmp_path / "two.yaml", tiny(data, epochs=3),
+                        {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1})
+    shared = tmp_path / "shared"
+    # The driver exports nothing: it finds the token and turns token authentication on itself.
+    run = run_cli(env, "search", "--space", space, "--address", head, "--storage", shared,
+                  "--results", tmp_path / "results")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    trials = load_trials(tmp_path / "results" / "two")
+    assert len(trials) == 4 and trials.node.nunique() == 2, run.stdout[:5000]
+    assert (tmp_path / "results" / "two" / "best.yaml").is_file()
+
+    check = run_cli(env, "cluster-check", "--address", head, "--storage", shared, "--space", space, timeout=300)
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+    lines = [line for line in check.stdout.splitlines() if line.strip().startswith("node ")]
+    assert len(lines) == 2 and "2 nodes, 2 CPUs" in check.stdout and "cluster-check: ready" in check.stdout
+    assert {line.split()[1] for line in lines} == set(trials.node), "the nodes the trials ran on"
+    for line in lines:
+        assert "Ray 2." in line and "tune_sota 0." in line and "storage writable" in line, line
+        assert f"data there: {data.resolve()}" in line, line
+    assert not list(shared.glob(".tune-sota-check-*")), "cluster-check removes what it wrote"
+    missing = write_space(tmp_path / "missing.yaml", tiny(tmp_path / "not-copied"))
+    check = run_cli(env, "cluster-check", "--address", head, "--space", missing, timeout=300)
+    assert check.returncode == 1 and check.stdout.count("problem: node") == 2, check.stdout + check.stderr
+    assert f"data {tmp_path / 'not-copied'} is not there" in check.stdout
+
+    # A driver without the token, or with another one: one line naming token authentication and the fix.
+    # (cluster-check joins the way search does, and answers without importing torch and fastai.)
+    no_token, wrong_token = user_env(ray_tmp, ray_tmp / "nohome"), user_env(ray_tmp, home, RAY_AUTH_TOKEN="not-it")
+    for user, argv, fragments in (
+            (no_token, ("search", "--space", space, "--results", tmp_path / "refused"), ["has no Ray token"]),
+            (no_token, ("cluster-check",), ["has no Ray token"]),
+            (wrong_token, ("cluster-check",), ["refused the token in RAY_AUTH_TOKEN", "it is not the head's"])):
+        t0 = time.time()
+        run = run_cli(user, *argv, "--address", head, timeout=120)
+        assert_one_line_error(run, f"--address {head}: the cluster uses token authentication", *fragments,
+                              "`ray get-auth-token` on the head", "~/.ray/auth_token")
+        assert time.time() - t0 < 60 and not (tmp_path / "refused").exists()
+
+    # Ray on the driver and on the cluster must match: pretend the cluster was started by another Ray.
+    relabel = (f"import json, ray._raylet as r; c = r.GcsClient(address={head!r}); k, ns = b'CLUSTER_METADATA', "
+               f"b'cluster'; m = json.loads(c.internal_kv_get(k, ns)); m['ray_version'] = '2.59.0'; "
+               f"c.internal_kv_put(k, json.dumps(m).encode(), True, ns)")
+    subprocess.run([sys.executable, "-c", relabel], env=node_env, check=True, timeout=60)
+    run = run_cli(env, "cluster-check", "--address", head, timeout=120)
+    assert_one_line_error(run, "the cluster runs Ray 2.59.0 on Python", "this machine Ray 2.60",
+                          "pip install ray==2.59.0")
+
+    # The cluster stops; the file naming it stays: `--address auto` says so at once.
+    nodes.stop()
+    t0 = time.time()
+    run = run_cli(env, "search", "--space", space, "--address", "auto", "--results", tmp_path / "dead", timeout=60)
+    assert_one_line_error(run, f"--address auto ({head}): nothing answers there", "has stopped")
+    assert time.time() - t0 < 30

@@ -1,19 +1,28 @@
 """Ray, local or a cluster: a plain search starts its own local Ray, `--address` joins a cluster that
-`ray start` made, and a cluster that cannot be joined is one line naming the real cause.
+`ray start` made (with its token authentication), a cluster that cannot be joined is one line naming
+the real cause, and `cluster_check` reports what a long search needs from every node.
 
 Light imports at module level (no Ray): preflight calls `check_address` before Ray is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import platform
+import re
 import socket
+import sys
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tune_sota.config import UserError
 
 log = logging.getLogger("tune_sota.cluster")
+
+DOCS = "https://docs.ray.io/en/latest/ray-security/token-auth.html"
 
 
 def current_cluster_file() -> Path:
@@ -43,24 +52,136 @@ def resolve_address(address: str | None) -> str | None:
     return recorded.read_text().strip()
 
 
+def _named(address: str, resolved: str) -> str:
+    return f"--address {address}" if resolved == address else f"--address {address} ({resolved})"
+
+
 def check_address(address: str | None) -> None:
     """A cluster address must answer before Ray is asked to join it (Ray would retry for minutes)."""
     resolved = resolve_address(address)
     if resolved is None or resolved.startswith("ray://"):
         return
-    named = f"--address {address}" if resolved == address else f"--address {address} ({resolved})"
     host, _, port = resolved.rpartition(":")
     if not host or not port.isdigit():
-        raise UserError(f"{named}: expected HOST:PORT of a Ray head node, e.g. 10.0.0.1:6379, or 'auto'")
+        raise UserError(f"{_named(address, resolved)}: expected HOST:PORT of a Ray head node, e.g. 10.0.0.1:6379, "
+                        f"or 'auto'")
     try:
         socket.create_connection((host, int(port)), timeout=3).close()
     except OSError as e:
         stale = "; the cluster recorded there has stopped" if resolved != address else ""
-        raise UserError(f"{named}: nothing answers there ({e.strerror or e}){stale}; start the head with "
-                        f"`ray start --head --port {port}`, or drop --address for local Ray") from None
+        raise UserError(f"{_named(address, resolved)}: nothing answers there ({e.strerror or e}){stale}; start the "
+                        f"head with `ray start --head --port {port}`, or drop --address for local Ray") from None
 
 
-def connect(address: str | None, settings):
+def token_source() -> str | None:
+    """Where this machine's Ray token comes from, in Ray's order, or None without one.
+
+    `RAY_AUTH_TOKEN`, else the file `RAY_AUTH_TOKEN_PATH` names, else `~/.ray/auth_token` (which
+    `ray get-auth-token --generate` writes, and a local Ray makes on first use).
+    """
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    if path.is_file() and path.read_text().strip():
+        return str(path)
+    return None
+
+
+def use_token_if_available() -> str | None:
+    """Turn Ray's token authentication on for this process when a token is here and RAY_AUTH_MODE is unset.
+
+    Ray does this itself only for a cluster it finds on its own (`auto`); for an explicit address a
+    user would otherwise have to export RAY_AUTH_MODE=token. A token also works with a cluster that
+    does not ask for one. Returns the token's source, if one is used.
+    """
+    source = token_source()
+    if source is None or "RAY_AUTH_MODE" in os.environ:
+        return source if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else None
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray caches its settings when it is imported: read them again, as Ray does when it turns auth on
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):  # a Ray without token authentication: nothing to turn on
+        pass
+    log.info("joining with the Ray token from %s", source)
+    return source
+
+
+def token_error(named: str, source: str | None) -> UserError:
+    """The one line for a cluster that refused this driver: what is missing and the exact fix."""
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    copy = ("copy the head's token (`ray get-auth-token` on the head prints it) into ~/.ray/auth_token on this "
+            "machine, or point RAY_AUTH_TOKEN_PATH at a file holding it, or set RAY_AUTH_TOKEN")
+    if source and mode.lower() not in ("", "token"):
+        return UserError(f"{named}: the cluster uses token authentication but RAY_AUTH_MODE={mode} here; "
+                         f"set RAY_AUTH_MODE=token (the token in {source} is then used); see {DOCS}")
+    if source:
+        return UserError(f"{named}: the cluster uses token authentication and refused the token in {source}: it "
+                         f"is not the head's; {copy}; see {DOCS}")
+    return UserError(f"{named}: the cluster uses token authentication and this machine has no Ray token; "
+                     f"{copy}; see {DOCS}")
+
+
+def _is_auth_error(e: BaseException | None) -> bool:
+    """Whether Ray refused us for the token (Ray wraps the refusal in ConnectionError/RuntimeError)."""
+    while e is not None:
+        if type(e).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(e) or \
+                "AuthenticationError" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def version_error(named: str, message: str) -> UserError | None:
+    """The one line for Ray's "Version mismatch" (cluster and driver on other Ray or Python versions)."""
+    if "Version mismatch" not in message:
+        return None
+    ray_v = re.findall(r"Ray: (\S+)", message)
+    py_v = re.findall(r"Python: (\S+)", message)
+    if len(ray_v) < 2 or len(py_v) < 2:
+        return UserError(f"{named}: the cluster runs other Ray or Python versions than this machine; install the "
+                         f"cluster's versions here")
+    return UserError(f"{named}: the cluster runs Ray {ray_v[0]} on Python {py_v[0]}, this machine Ray {ray_v[1]} on "
+                     f"Python {py_v[1]}; Ray needs the same versions on the driver and every node: "
+                     f"`pip install ray=={ray_v[0]}` here (and Python {py_v[0]}), or run tune-sota on the head node")
+
+
+def _probe(resolved: str, named: str, source: str | None) -> None:
+    """Ask the cluster's GCS once whether it accepts this driver's token.
+
+    `ray.init` retries a refused token for about 20 seconds and then reports only "Failed to connect";
+    one request with the client `ray.init` itself uses answers at once. Anything else wrong is left
+    to `ray.init`, whose errors are mapped too.
+    """
+    try:
+        from ray._raylet import GcsClient
+    except ImportError:
+        return
+    try:
+        with _quiet_stderr():  # Ray's C++ client logs the refusal itself: our one line says it
+            GcsClient(address=resolved)
+    except Exception as e:  # noqa: BLE001 (only a refused token is ours to name here)
+        if _is_auth_error(e):
+            raise token_error(named, source) from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (where Ray's C++ code logs) for the duration."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def connect(address: str | None, settings=None):
     """Start a local Ray of our own (no address) or join a cluster; the dashboard stays off.
 
     Without an address Ray is started with `address="local"`: a plain `ray.init()` would join whatever
@@ -81,18 +202,184 @@ def connect(address: str | None, settings):
     resolved = resolve_address(address)
     if resolved:
         check_address(address)
+        named = _named(address, resolved)
+        source = use_token_if_available() or token_source()
+        if not resolved.startswith("ray://"):
+            _probe(resolved, named, source)
         try:
             context = ray.init(address=resolved, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"--address {address}: cannot reach a Ray cluster there ({str(e).splitlines()[0]}); "
-                            f"start one with `ray start --head` or drop --address for local Ray") from None
+        except Exception as e:
+            ray.shutdown()  # a version mismatch is found after the driver has half joined
+            if _is_auth_error(e):
+                raise token_error(named, source) from None
+            text = "\n".join(str(x) for x in (e, e.__cause__) if x)
+            raise version_error(named, text) or UserError(
+                f"{named}: cannot reach a Ray cluster there ({str(e).splitlines()[0]}); start one with "
+                f"`ray start --head` or drop --address for local Ray") from None
     else:
         context = ray.init(address="local", **kwargs)
-    have = ray.cluster_resources()
-    for key, asked in (("GPU", settings.gpus_per_trial), ("CPU", settings.cpus_per_trial)):
-        if asked > have.get(key, 0):  # Ray would otherwise wait forever for a node that never comes
-            ray.shutdown()
-            flag = f"--{key.lower()}s-per-trial"
-            raise UserError(f"{key.lower()}s_per_trial {asked:g} but the Ray cluster has {have.get(key, 0):g} "
-                            f"{key}s; use {flag} {have.get(key, 0):g} or less, or add nodes")
+    if settings is not None:
+        have = ray.cluster_resources()
+        for key, asked in (("GPU", settings.gpus_per_trial), ("CPU", settings.cpus_per_trial)):
+            if asked > have.get(key, 0):  # Ray would otherwise wait forever for a node that never comes
+                ray.shutdown()
+                flag = f"--{key.lower()}s-per-trial"
+                raise UserError(f"{key.lower()}s_per_trial {asked:g} but the Ray cluster has {have.get(key, 0):g} "
+                                f"{key}s; use {flag} {have.get(key, 0):g} or less, or add nodes")
     return context
+
+
+@dataclass
+class NodeReport:
+    """What one node offers a search, as a task pinned to it found."""
+
+    node_id: str
+    ip: str
+    cpus: float
+    gpus: float
+    host: str = ""
+    ray: str = ""
+    python: str = ""
+    tune_sota: str = ""  # '' where tune_sota cannot be imported
+    storage: str = ""  # '' where the storage folder is writable, else why not
+    data: dict[str, str] = field(default_factory=dict)  # data value -> '' if there, else why not
+    sees: set[str] = field(default_factory=set)  # storage markers (node ids) this node can read
+
+
+def _node_task():
+    """The function run on every node; built here so that Ray ships it by value (tune_sota may be
+    missing on the node, and that is one of the things it reports)."""
+
+    def probe(storage: str | None, marker: str, data: list[str]) -> dict:
+        import platform
+        import socket
+        from pathlib import Path
+
+        import ray
+
+        try:
+            import tune_sota
+            version = tune_sota.__version__
+        except Exception:  # noqa: BLE001 (not installed, or broken: both mean trials cannot run here)
+            version = ""
+        out = {"host": socket.gethostname(), "ray": ray.__version__, "python": platform.python_version(),
+               "tune_sota": version, "storage": "", "data": {}}
+        if storage:
+            try:
+                if "://" in storage:
+                    import pyarrow.fs
+
+                    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+                    with fs.open_output_stream(f"{root.rstrip('/')}/{marker}") as f:
+                        f.write(b"tune-sota cluster-check\n")
+                else:
+                    Path(storage).mkdir(parents=True, exist_ok=True)
+                    (Path(storage) / marker).write_text("tune-sota cluster-check\n")
+            except Exception as e:  # noqa: BLE001 (reported per node)
+                out["storage"] = f"{type(e).__name__}: {e}".splitlines()[0]
+        for d in data:
+            folder = Path(d).expanduser()
+            missing = [s for s in ("train", "val") if not (folder / s).is_dir()]
+            out["data"][d] = "" if folder.is_dir() and not missing else \
+                (f"no {folder}" if not folder.is_dir() else f"{folder} has no {'/, '.join(missing)}/")
+        return out
+
+    def sees(storage: str, prefix: str) -> list[str]:
+        from pathlib import Path
+
+        if "://" in storage:
+            import pyarrow.fs
+
+            fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+            names = [Path(i.path).name for i in fs.get_file_info(pyarrow.fs.FileSelector(root))]
+        else:
+            names = [p.name for p in Path(storage).glob(f"{prefix}*")]
+        return [n[len(prefix):] for n in names if n.startswith(prefix)]
+
+    def remove(storage: str, names: list[str]) -> None:
+        from pathlib import Path
+
+        if "://" in storage:
+            import pyarrow.fs
+
+            fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+            for n in names:
+                fs.delete_file(f"{root.rstrip('/')}/{n}")
+        else:
+            for n in names:
+                (Path(storage) / n).unlink(missing_ok=True)
+
+    return probe, sees, remove
+
+
+def _folders(space) -> list[str]:
+    """The data values of a space that name folders (named datasets are fetched by each node itself)."""
+    if space is None:
+        return []
+    return [str(d) for d in space.options("data") if "/" in str(d) or str(d).startswith(("~", "."))
+            or Path(str(d)).expanduser().exists()]
+
+
+def cluster_check(address: str, storage: str | None = None, space=None) -> list[NodeReport]:
+    """Join the cluster and run a tiny task on every node: versions, storage and data as each node sees them."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not address:
+        raise UserError("cluster-check needs --address HOST:PORT (or auto) of the cluster to check")
+    if storage and "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    data = [str(Path(d).expanduser().resolve()) for d in _folders(space)]
+    connect(address)
+    try:
+        probe, sees, remove = (ray.remote(num_cpus=0)(f) for f in _node_task())
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        reports, prefix = [], f".tune-sota-check-{uuid.uuid4().hex[:8]}-"
+        pinned = {n["NodeID"]: NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in nodes}
+        futures = [probe.options(scheduling_strategy=pinned[n["NodeID"]]).remote(storage, prefix + n["NodeID"], data)
+                   for n in nodes]
+        for n, r in zip(nodes, ray.get(futures, timeout=120)):
+            res = n.get("Resources", {})
+            reports.append(NodeReport(n["NodeID"], n.get("NodeManagerAddress", ""), res.get("CPU", 0),
+                                      res.get("GPU", 0), r["host"], r["ray"], r["python"], r["tune_sota"],
+                                      r["storage"], r["data"]))
+        if storage and all(not r.storage for r in reports):
+            seen = ray.get([sees.options(scheduling_strategy=pinned[r.node_id]).remote(storage, prefix)
+                            for r in reports], timeout=120)
+            for r, s in zip(reports, seen):
+                r.sees = set(s)
+            ray.get(remove.options(scheduling_strategy=pinned[reports[0].node_id]).remote(
+                storage, [prefix + r.node_id for r in reports]), timeout=120)
+    finally:
+        ray.shutdown()
+    return reports
+
+
+def problems(reports: list[NodeReport], storage: str | None) -> list[str]:
+    """What in a cluster-check would make a search fail or lose work, one line each."""
+    import ray
+
+    from tune_sota import __version__
+
+    out = []
+    for r in reports:
+        where = f"node {r.node_id[:8]} ({r.ip})"
+        if not r.tune_sota:
+            out.append(f"{where}: tune_sota cannot be imported there; pip install it on every node")
+        elif r.tune_sota != __version__:
+            out.append(f"{where}: tune_sota {r.tune_sota} there, {__version__} here; install the same version")
+        if r.ray != ray.__version__ or r.python != platform.python_version():
+            out.append(f"{where}: Ray {r.ray} on Python {r.python} there, Ray {ray.__version__} on Python "
+                       f"{platform.python_version()} here; Ray needs the same versions everywhere")
+        if r.storage:
+            out.append(f"{where}: cannot write --storage {storage} ({r.storage})")
+        for d, why in r.data.items():
+            if why:
+                out.append(f"{where}: data {d} is not there ({why}); copy it to the same path on every node")
+    if storage and len(reports) > 1 and all(not r.storage for r in reports):
+        ids = {r.node_id for r in reports}
+        for r in reports:
+            if r.sees != ids:
+                out.append(f"node {r.node_id[:8]} ({r.ip}): does not see what other nodes write to --storage "
+                           f"{storage}; it must be one shared folder (NFS or similar) or s3://")
+    return out
