@@ -125,7 +125,7 @@ def main():
         n_images = sum(len(v) for v in found.splits.values())  # what one epoch trains and validates on
         for k in args.concurrency:
             s = {"num_samples": k, "max_concurrent": k, "gpus_per_trial": round(1 / k, 4),
-                 "cpus_per_trial": max(1, cpus // k), "grace_period": values["epochs"]}
+                 "cpus_per_trial": max(1, cpus // k), "scheduler": "fifo", "confirm_top": 0}
             space = parse_space({**values, "search": s}, name=f"gpu{k}")
             with Utilization() as util:
                 outcome = search.run(space, results_root=os.path.join(tmp, "results"), out=lambda *_: None)

@@ -58,7 +58,7 @@ def main():
         del learn
 
         space = parse_space({**values, "search": {"num_samples": args.trials, "max_concurrent": 1,
-                                                  "cpus_per_trial": cpus, "grace_period": args.epochs}},
+                                                  "cpus_per_trial": cpus, "scheduler": "fifo", "confirm_top": 0}},
                             name="overhead")
         t0 = time.perf_counter()
         outcome = search.run(space, results_root=os.path.join(tmp, "results"), out=lambda *_: None)

@@ -11,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
+import optuna
 import pytest
 import yaml
 
 from tests.conftest import ROOT, cli, make_image_folder, tiny, write_space
 from tune_sota import load_history, load_trials
+from tune_sota.confirm import load_confirm
+from tune_sota.searcher import RAY_ID, study_url
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +73,8 @@ def _popen(*args) -> subprocess.Popen:
 def test_multi_node_search_writes_everything_to_shared_storage(cluster, tmp_path, slower_folder):
     c, _ = cluster
     space = write_space(tmp_path / "multi.yaml", {**tiny(slower_folder, epochs=3), "lr": {"loguniform": [1e-3, 1e-2]}},
-                        {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "grace_period": 3})
+                        {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "scheduler": "fifo",
+                         "confirm_top": 1, "confirm_seeds": 1})
     run = cli("search", "--space", space, "--address", c.address, "--storage", tmp_path / "shared",
               "--results", tmp_path / "results")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -88,7 +91,8 @@ def test_multi_node_search_writes_everything_to_shared_storage(cluster, tmp_path
 def test_lost_node_trials_resume_from_their_checkpoints(cluster, tmp_path, slower_folder):
     c, worker = cluster
     space = write_space(tmp_path / "loss.yaml", tiny(slower_folder, size=32, presize=36, epochs=8),
-                        {"num_samples": 3, "max_concurrent": 3, "cpus_per_trial": 1, "grace_period": 8})
+                        {"num_samples": 3, "max_concurrent": 3, "cpus_per_trial": 1, "scheduler": "fifo",
+                         "confirm_top": 0})
     proc = _popen("search", "--space", space, "--address", c.address, "--storage", tmp_path / "shared",
                   "--results", tmp_path / "results")
     experiment = tmp_path / "shared" / "loss"
@@ -107,41 +111,49 @@ def test_lost_node_trials_resume_from_their_checkpoints(cluster, tmp_path, slowe
         assert resumed.epoch.min() == resumed.start_epoch.min() + 1 and h.epoch.max() == 8
 
 
+def _study(folder: Path, name: str) -> list:
+    """The search's Optuna study as it stands on disk (empty until the searcher has created it)."""
+    try:
+        return optuna.load_study(study_name=name, storage=study_url(folder)).trials
+    except Exception:  # not created yet, or the driver is writing to it this instant
+        return []
+
+
 def test_killed_driver_resumes_without_losing_or_repeating_trials(tmp_path, image_folder):
     space = write_space(tmp_path / "killed.yaml",
                         {**tiny(image_folder, epochs=4), "lr": {"loguniform": [1e-3, 1e-2]},
                          "mixup": {"choice": [0.0, 0.2]}},
-                        {"num_samples": 6, "max_concurrent": 2, "cpus_per_trial": 1, "startup_trials": 2})
+                        {"num_samples": 6, "max_concurrent": 2, "cpus_per_trial": 1, "startup_trials": 2,
+                         "confirm_top": 1, "confirm_seeds": 1})
     folder = tmp_path / "results" / "killed"
     proc = _popen("search", "--space", space, "--results", tmp_path / "results")
 
-    def finished() -> pd.DataFrame:
-        try:
-            study = pd.read_csv(folder / "optuna.csv")
-        except (FileNotFoundError, pd.errors.EmptyDataError):
-            return pd.DataFrame(columns=["state"])
-        return study[study.state.isin(["COMPLETE", "PRUNED"])]
+    def finished() -> list:
+        return [t for t in _study(folder, "killed") if t.state.name in ("COMPLETE", "PRUNED")]
 
+    # Killed the moment a second trial has ended: four of six trials are still to run, whatever the
+    # machine's speed, so the search is certainly mid-way (no sleep racing a timer).
     _wait(lambda: len(finished()) >= 2, 300, "two finished trials", proc)
-    time.sleep(3)  # past the experiment's state saving period (2 s)
-    before = finished()
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray processes it started
     proc.wait()
-    assert not (folder / "trials.csv").exists()
+    before = finished()
+    assert not (folder / "trials.csv").exists(), "the search was still running when it was killed"
 
-    run = cli("search", "--space", space, "--results", tmp_path / "results", "--resume")
+    run = cli("search", "--resume", "killed", "--results", tmp_path / "results")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "killed done" in run.stdout and "best trial" in run.stdout
+    assert "killed done" in run.stdout and "confirmed on val/" in run.stdout
     trials, history = load_trials(folder), load_history(folder)
     assert len(trials) == 6, "the total is the number of trials asked for"
-    study = pd.read_csv(folder / "optuna.csv")
-    assert sorted(study.number) == list(range(6)), "the restored study went on numbering its trials"
-    for _, t in before.iterrows():  # the searcher's state came back: the same trials, the same values
-        again = study[study.number == t.number].iloc[0]
-        assert again.trial_id == t.trial_id and again.state == t.state and again.lr == pytest.approx(t.lr)
-        epochs = history[history.trial_id == t.trial_id].epoch
+    study = {t.user_attrs[RAY_ID]: t for t in _study(folder, "killed")}
+    assert set(trials.trial_id) <= set(study), "every Ray trial is in the study"
+    assert all(t.state.name == "FAIL" for rid, t in study.items() if rid not in set(trials.trial_id)), \
+        "trials asked of the study but never recorded by Ray (killed in between) are closed as failed"
+    for t in before:  # the searcher's state came back: the same trials, the same values
+        again = study[t.user_attrs[RAY_ID]]
+        assert again.number == t.number and again.state == t.state and again.params == t.params
+        epochs = history[history.trial_id == t.user_attrs[RAY_ID]].epoch
         assert epochs.is_unique and (epochs <= 4).all(), "finished trials were not run again"
-    assert (folder / "best.yaml").is_file() and trials.tta_accuracy.notna().any()
+    assert (folder / "best.yaml").is_file() and (folder / "confirm.csv").is_file()
 
 
 def test_diverged_and_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, image_folder):
@@ -152,7 +164,8 @@ def test_diverged_and_failing_trials_are_recorded_and_the_search_goes_on(tmp_pat
     space = write_space(tmp_path / "faults.yaml",
                         {**tiny(image_folder, epochs=12, wd=1.0), "data": {"choice": [str(image_folder), str(broken)]},
                          "lr": {"choice": [0.003, 10.0]}},
-                        {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "grace_period": 12,
+                        {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "scheduler": "fifo",
+                         "confirm_top": 1, "confirm_seeds": 1,
                          "seed": 2, "startup_trials": 4})  # seed 2's first four cover all three outcomes
     run = cli("search", "--space", space, "--results", tmp_path / "results")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -165,5 +178,51 @@ def test_diverged_and_failing_trials_are_recorded_and_the_search_goes_on(tmp_pat
     best = yaml.safe_load((tmp_path / "results" / "faults" / "best.yaml").read_text())
     assert best["result"]["trial_id"] in set(trials[trials.status == "completed"].trial_id)
     assert "diverged:" in run.stdout and "error:" in run.stdout
-    study = pd.read_csv(tmp_path / "results" / "faults" / "optuna.csv").set_index("trial_id")
-    assert (study.loc[list(diverged.trial_id) + list(errors.trial_id), "state"] == "FAIL").all()
+    study = {t.user_attrs[RAY_ID]: t.state.name for t in _study(tmp_path / "results" / "faults", "faults")}
+    assert {study[t] for t in list(diverged.trial_id) + list(errors.trial_id)} == {"FAIL"}
+
+
+def test_killed_during_confirmation_resumes_without_redoing_finished_runs(tmp_path, image_folder):
+    space = write_space(tmp_path / "late.yaml", {**tiny(image_folder, epochs=3), "lr": {"choice": [0.003, 0.01]}},
+                        {"num_samples": 2, "max_concurrent": 2, "cpus_per_trial": 1, "scheduler": "fifo",
+                         "confirm_top": 1, "confirm_seeds": 3})  # 3 runs of the winner + 3 of the baseline
+    folder = tmp_path / "results" / "late"
+    proc = _popen("search", "--space", space, "--results", tmp_path / "results")
+
+    def finished_runs() -> dict:
+        runs = {}
+        for f in (folder / "confirm").glob("run_*/result.json"):
+            rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            if rows and "tta_accuracy" in rows[-1]:  # a confirmation's last report carries its TTA score
+                runs[f.parent.name] = rows
+        return runs
+
+    _wait(lambda: len(finished_runs()) >= 2, 400, "two finished confirmation runs", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = finished_runs()
+    assert len(before) < 6 and not (folder / "confirm.csv").exists(), "killed during the confirmation"
+
+    run = cli("search", "--resume", "late", "--results", tmp_path / "results")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    confirm = load_confirm(folder)
+    assert len(confirm) == 6 and (confirm.error == "").all()
+    assert sorted(confirm[confirm.role == "candidate"].seed) == sorted(confirm[confirm.role == "baseline"].seed) \
+        == [42, 43, 44]
+    after = finished_runs()
+    for name, rows in before.items():  # finished runs were not trained again (at most said again)
+        again = after[name][len(rows):]
+        assert after[name][:len(rows)] == rows and all(r["start_epoch"] == 3 for r in again), name
+
+
+def test_a_search_in_which_every_trial_fails_exits_non_zero_with_the_first_error(tmp_path):
+    broken = make_image_folder(tmp_path / "cut", per_class=(6, 3))
+    for f in (broken / "train").rglob("*.png"):  # headers intact: passes the checks, fails in every trial
+        f.write_bytes(f.read_bytes()[:60])
+    space = write_space(tmp_path / "doomed.yaml", {**tiny(broken, batch_size=4), "lr": {"choice": [0.003, 0.01]}},
+                        {"num_samples": 2, "max_concurrent": 2, "cpus_per_trial": 1})
+    run = cli("search", "--space", space, "--results", tmp_path / "results")
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "no best config to export; the first error: " in run.stdout and "could not be decoded" in run.stdout
+    assert not (tmp_path / "results" / "doomed" / "best.yaml").exists()
+    assert "Traceback" not in run.stdout + run.stderr

@@ -1,14 +1,17 @@
 """Real searches: real Ray on the CPU, real ASHA and Optuna, tiny data made by the tests."""
 
+import dataclasses
 import json
 
-import pandas as pd
+import optuna
 import pytest
 import yaml
 
 from tests.conftest import cli, tiny, write_space
 from tune_sota import load_history, load_trials
 from tune_sota.config import SPACES_DIR, load_space, parse_space
+from tune_sota.confirm import load_confirm
+from tune_sota.searcher import RAY_ID, study_url
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +29,9 @@ def searched(tmp_path_factory, image_folder):
     """One real search through the CLI, shared by the tests that read its outputs."""
     tmp = tmp_path_factory.mktemp("search")
     space = write_space(tmp / "e2e.yaml", {**tiny(image_folder), **ALL_FIVE},
-                        {"num_samples": 8, "max_concurrent": 2, "grace_period": 1, "reduction_factor": 4,
-                         "startup_trials": 3, "cpus_per_trial": 1})
+                        {"num_samples": 8, "max_concurrent": 2, "grace": 0.25, "reduction_factor": 4,
+                         "startup_trials": 3, "cpus_per_trial": 1, "holdout": 0.2, "confirm_top": 1,
+                         "confirm_seeds": 2})
     run = cli("search", "--space", space, "--results", tmp / "results")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return tmp / "results" / "e2e", run
@@ -35,9 +39,12 @@ def searched(tmp_path_factory, image_folder):
 
 def test_search_writes_results_and_summary(searched):
     folder, run = searched
-    for name in ("best.yaml", "trials.csv", "history.csv", "optuna.csv", "space.yaml", "run.yaml"):
+    for name in ("best.yaml", "trials.csv", "history.csv", "study.db", "confirm.csv", "space.yaml", "run.yaml",
+                 "scheduler.json"):
         assert (folder / name).is_file(), name
-    assert "best trial" in run.stdout and "with TTA" in run.stdout and "stopped early by ASHA" in run.stdout
+    assert "stopped early by ASHA" in run.stdout and "judged on a 20% holdout of train/" in run.stdout
+    assert "confirmed on val/ over 2 seed(s)" in run.stdout and "with TTA" in run.stdout
+    assert "baseline (chapter 7's plain recipe" in run.stdout and "gain: " in run.stdout
     assert "Traceback" not in run.stdout + run.stderr
 
 
@@ -47,20 +54,24 @@ def test_trial_table(searched):
     assert len(trials) == 8
     assert set(trials.status) <= {"completed", "stopped"} and (trials.status == "stopped").any()
     for col in ("trial_id", "status", *ALL_FIVE, "epochs_run", "accuracy", "best_accuracy", "valid_loss",
-                "time_s", "tta_accuracy"):
+                "time_s", "confirmed_accuracy", "confirmed_tta"):
         assert col in trials.columns, col
     assert trials.trial_id.map(type).eq(str).all() and trials.resize.isin(["16", "8>16"]).all()
     done = trials[trials.status == "completed"]
     assert (done.epochs_run == done.epochs).all()
     stopped = trials[trials.status == "stopped"]
     assert (stopped.epochs_run < stopped.epochs).all()
-    assert trials.tta_accuracy.notna().sum() == 1  # score_top defaults to the single best
+    assert trials.confirmed_accuracy.notna().sum() == 1  # confirm_top 1: the best completed trial
+    assert trials.confirmed_accuracy.notna().idxmax() == trials[trials.status == "completed"].index[0]
 
 
-def test_checkpoints_keep_only_the_newest(searched):
+def test_checkpoints_keep_only_the_newest_and_only_of_the_confirmed(searched):
     folder, _ = searched
-    for trial in folder.glob("trial_*"):
-        assert 1 <= len(list(trial.glob("checkpoint_*"))) <= 2, trial  # keep_checkpoints defaults to 2
+    trials = load_trials(folder)
+    kept = set(trials[trials.status == "completed"].head(1).trial_id)  # confirm_top 1
+    for _, t in trials.iterrows():
+        n = len(list((folder / f"trial_{t.trial_id}").glob("checkpoint_*")))
+        assert (1 <= n <= 2) if t.trial_id in kept else n == 0, (t.trial_id, n)  # keep_checkpoints 2
 
 
 def test_history_has_every_epoch_of_every_trial(searched):
@@ -75,30 +86,61 @@ def test_history_has_every_epoch_of_every_trial(searched):
 
 def test_optuna_learns_asha_stops_as_pruned(searched):
     folder, _ = searched
-    study = pd.read_csv(folder / "optuna.csv")
+    study = optuna.load_study(study_name="e2e", storage=study_url(folder))
     trials = load_trials(folder).set_index("trial_id")
-    assert len(study) == 8
-    for _, t in study.iterrows():
-        row = trials.loc[t.trial_id]
-        steps = json.loads(t.intermediate)
-        assert len(steps) == row.epochs_run, "every epoch reached Optuna as an intermediate value"
+    assert len(study.trials) == 8 and {t.user_attrs[RAY_ID] for t in study.trials} == set(trials.index)
+    history = load_history(folder)
+    for t in study.trials:
+        row = trials.loc[t.user_attrs[RAY_ID]]
+        h = history[history.trial_id == row.name].set_index("epoch").accuracy
+        assert t.intermediate_values == pytest.approx(h.to_dict()), "every epoch reached Optuna"
         if row.status == "stopped":
-            # Optuna keeps a pruned trial's last intermediate value; TPE ranks it below complete trials
-            assert t.state == "PRUNED" and (pd.isna(t.value) or t.value == pytest.approx(steps[-1]))
+            assert t.state.name == "PRUNED" and len(t.intermediate_values) < row.epochs
         else:
-            assert t.state == "COMPLETE" and t.value == pytest.approx(row.accuracy)
+            assert t.state.name == "COMPLETE" and t.value == pytest.approx(row.accuracy)
+    assert any(t.state.name == "PRUNED" for t in study.trials)
+
+
+def test_trials_are_judged_on_a_holdout_and_the_winner_confirmed_on_val(searched):
+    folder, _ = searched
+    trials, confirm = load_trials(folder), load_confirm(folder)
+    for trial_id in trials.trial_id:  # every search trial trained and validated on the holdout
+        params = json.loads((folder / f"trial_{trial_id}" / "params.json").read_text())
+        assert params["holdout"] == 0.2
+    winner = trials[trials.status == "completed"].iloc[0]
+    assert sorted(confirm.role) == ["baseline", "baseline", "candidate", "candidate"]
+    assert (confirm.error == "").all() and confirm.accuracy.between(0, 1).all() and confirm.tta_accuracy.notna().all()
+    assert (confirm[confirm.role == "candidate"].trial_id == winner.trial_id).all()
+    for role in ("candidate", "baseline"):
+        runs = confirm[confirm.role == role]
+        assert sorted(runs.seed) == [42, 43] and (runs.epochs == winner.epochs).all(), "same seeds, same epochs"
+    for path in confirm.path:  # what each confirmation run trained: all of train/, the baseline chapter 7's recipe
+        spec = json.loads((folder / "confirm" / path.split("/confirm/")[1].split("/")[0] / "params.json")
+                          .read_text())["run"]
+        assert spec["config"]["holdout"] == 0.0
+        if spec["role"] == "baseline":
+            assert {k: spec["config"][k] for k in ("lr", "mixup", "label_smoothing", "resize")} == \
+                {"lr": 0.003, "mixup": 0.0, "label_smoothing": 0.0, "resize": ""}
+        else:
+            assert spec["config"]["lr"] == pytest.approx(winner.lr)
 
 
 def test_best_config_exports_and_retrains(searched):
     folder, _ = searched
     best = yaml.safe_load((folder / "best.yaml").read_text())
-    trials = load_trials(folder)
+    trials, confirm = load_trials(folder), load_confirm(folder)
     top = trials[trials.status == "completed"].iloc[0]
-    assert best["result"]["trial_id"] == top.trial_id
-    assert best["result"]["accuracy"] == pytest.approx(top.accuracy)
-    assert 0 <= best["result"]["tta_accuracy"] <= 1 and best["result"]["versions"]["ray"]
+    result = best["result"]
+    assert result["trial_id"] == top.trial_id and result["selection_accuracy"] == pytest.approx(top.accuracy)
+    mine, base = confirm[confirm.role == "candidate"], confirm[confirm.role == "baseline"]
+    assert result["winner"]["accuracy_mean"] == pytest.approx(mine.accuracy.mean())
+    assert result["winner"]["accuracy_std"] == pytest.approx(mine.accuracy.std())
+    assert result["baseline"]["tta_mean"] == pytest.approx(base.tta_accuracy.mean())
+    assert result["gain_points"] == pytest.approx(100 * (mine.accuracy.mean() - base.accuracy.mean()))
+    assert result["cost"]["search_trial_s"] > 0 and result["cost"]["confirm_trial_s"] > 0
+    assert result["versions"]["ray"]
     cfg = parse_space(best).fixed()  # a config is a space with nothing left to sample
-    assert cfg.lr == pytest.approx(top.lr) and cfg.resize == top.resize
+    assert cfg.lr == pytest.approx(top.lr) and cfg.resize == top.resize and cfg.holdout == 0.0
     run = cli("train", "--config", folder / "best.yaml")
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"epoch {cfg.epochs}/{cfg.epochs}" in run.stdout and "with TTA" in run.stdout
@@ -107,7 +149,9 @@ def test_best_config_exports_and_retrains(searched):
 def test_trials_command_prints_the_table(searched):
     folder, _ = searched
     run = cli("trials", folder)
-    assert run.returncode == 0 and "trial_id" in run.stdout and run.stdout.count("\n") >= 9
+    assert run.returncode == 0 and run.stdout.splitlines()[0].split()[:2] == ["trial_id", "status"]
+    for _, t in load_trials(folder).iterrows():
+        assert any(line.split()[:2] == [t.trial_id, t.status] for line in run.stdout.splitlines()), t.trial_id
 
 
 @pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -116,8 +160,9 @@ def test_every_search_space_smoke_runs(path, tmp_path, image_folder):
     space = load_space(path.stem)
     values = {k: (v.to_yaml() if hasattr(v, "to_yaml") else v) for k, v in space.values.items()}
     values.update(tiny(image_folder), epochs={"randint": [1, 2]}, resize={"choice": ["16", "8>16"]})
-    shrunk = write_space(tmp_path / f"{path.stem}.yaml", values,
-                         {"num_samples": 2, "max_concurrent": 2, "cpus_per_trial": 1, "gpus_per_trial": 0})
+    search = {**dataclasses.asdict(space.search), "num_samples": 2, "max_concurrent": 2, "cpus_per_trial": 1,
+              "gpus_per_trial": 0, "confirm_top": 1, "confirm_seeds": 1}
+    shrunk = write_space(tmp_path / f"{path.stem}.yaml", values, search)
     run = cli("search", "--space", shrunk, "--results", tmp_path / "results")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert len(load_trials(tmp_path / "results" / path.stem)) == 2
+    assert len(load_trials(tmp_path / "results" / path.stem)) == 2 and "gain: " in run.stdout

@@ -147,7 +147,9 @@ def _search(args) -> int:
         print(f"  nothing was exported; resume with: {stopped.command}")
         return stopped.exit_code
     _summary(outcome)
-    return 0
+    # A search that trained nothing to the end has no answer: say so in the exit code too, so that a
+    # script or CI running it (and a bug that makes every trial raise) does not pass as a success.
+    return 0 if outcome.best is not None else 1
 
 
 def _counts(o, what: str = "done in") -> None:
@@ -169,7 +171,9 @@ def _summary(o) -> None:
     for _, row in o.trials[o.trials.status.isin([results.ERROR, results.DIVERGED])].iterrows():
         print(f"  {row.status}: {row.trial_id} {row.error}")
     if o.best is None:
-        print("  no trial trained all its epochs, so there is no best config to export")
+        failed = o.trials[o.trials.error.fillna("") != ""] if len(o.trials) else o.trials
+        first = f"; the first error: {failed.error.iloc[0]}" if len(failed) else ""
+        print(f"  no trial trained all its epochs, so there is no best config to export{first}")
         _disk(o)
         return
     b, a = o.best_row, o.answer

@@ -22,7 +22,15 @@ import yaml
 
 from tune_sota.schedule import parse_schedule
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+def _spaces_dir() -> Path:
+    """The shipped spaces: inside the installed package (a wheel puts search_spaces/ there, see
+    pyproject.toml), else the repository's top-level search_spaces/ (an editable install)."""
+    inside = Path(__file__).resolve().parent / "search_spaces"
+    return inside if inside.is_dir() else Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+SPACES_DIR = _spaces_dir()
 
 
 class UserError(Exception):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ def free_name(name: str, *roots: Path) -> str:
 
 
 def versions() -> dict[str, str]:
+    """The versions that decide a result: tune_sota (and its git commit, in a checkout), Python, libraries."""
     import fastai
     import torch
     import torchvision
@@ -51,8 +53,24 @@ def versions() -> dict[str, str]:
     from tune_sota import __version__
 
     mods = {"torch": torch, "torchvision": torchvision, "fastai": fastai, "ray": ray, "optuna": optuna, "pandas": pd}
-    return {"tune_sota": __version__, "python": platform.python_version(),
+    commit = _git_commit()
+    return {"tune_sota": __version__ + (f" (git {commit})" if commit else ""), "python": platform.python_version(),
             **{name: str(m.__version__) for name, m in mods.items()}}
+
+
+def _git_commit() -> str:
+    """The source tree's commit (with `+dirty` for uncommitted changes), or '' outside a git checkout."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=5)
+        if head.returncode or not (here / ".git").exists():
+            return ""
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
 
 
 @dataclass

@@ -25,7 +25,7 @@ from tune_sota.config import Config
 from tune_sota.results import EpochReport
 
 STATE_FILE = "state.pt"  # model and optimizer (recipe.save_state)
-log = logging.getLogger(__name__)
+ERROR_FILE = "error.txt"  # the traceback of a trial that raised
 METRICS_FILE = "metrics.json"  # what the epoch reported, to repeat it for a trial restored when already done
 
 
@@ -92,7 +92,9 @@ def _run(config: dict, tta: bool) -> None:
             _report_with_checkpoint({**held, **recipe.score(learn)}, learn, cfg.epochs)
     except Exception as e:  # recorded, not retried: see the docstring
         message = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-        log.error("trial failed: %s\n%s", message, traceback.format_exc())
+        # The summary shows the message; the traceback goes beside the trial's results, not into the
+        # search's output (a bad image is the user's to fix, a bug is a developer's to read there).
+        (Path(tune.get_context().get_trial_dir()) / ERROR_FILE).write_text(traceback.format_exc())
         failed = EpochReport(epoch=last["epoch"], epochs=cfg.epochs, size=0, train_loss=math.nan,
                              valid_loss=math.nan, accuracy=last["accuracy"], epoch_s=0.0)
         tune.report(failed.row(**{**where, "error": message}))

@@ -1,0 +1,42 @@
+"""What a user installs: the wheel carries the shipped search spaces, and the version is the installed one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib.metadata import version
+
+import pytest
+
+from tests.conftest import ROOT
+from tune_sota import __version__
+from tune_sota.config import SPACES_DIR
+
+
+def test_version_comes_from_the_installed_metadata():
+    assert __version__ == version("tune_sota")
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_spaces_and_finds_them_installed(tmp_path):
+    src = tmp_path / "src"  # build from a copy: setuptools writes build/ and *.egg-info beside the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("tune_sota", "search_spaces"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    tmp_path / "dist", src], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("tune_sota-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"tune_sota/search_spaces/{p.name}" for p in SPACES_DIR.glob("*.yaml")}
+    assert shipped and shipped <= names, sorted(shipped - names)
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)  # what installing the wheel puts in site-packages
+    probe = "from tune_sota.config import load_space; print(load_space('quick').source)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(target)}, check=True).stdout.strip()
+    assert out.startswith(str(target)), out
