@@ -151,7 +151,7 @@ class Config:
 
 
 SCHEDULERS = ("asha", "fifo", "ray-asha")  # tune_sota.scheduler.make_scheduler builds them
-SEARCHERS = ("tpe", "random")  # tune_sota.searcher.sampler builds them
+SEARCHERS = ("tpe", "random", "ray-optuna")  # search.make_searcher builds them
 
 
 @dataclass(frozen=True)
@@ -166,8 +166,9 @@ class SearchSettings:
     grace: float = _opt(0.5, "ASHA: share of its schedule a trial runs before it can be stopped; rungs sit at "
                         "1/rf, 1/rf^2... of each schedule down to this share", _between(0.01, 0.99))
     reduction_factor: int = _opt(2, "ASHA: keep the top 1/N at each rung", _between(2, 100))
-    searcher: str = _opt("tpe", "Optuna sampler: 'tpe' (random for startup_trials, then TPE) or 'random'",
-                         _one_of(*SEARCHERS))
+    searcher: str = _opt("tpe", "Optuna sampler: 'tpe' (random for startup_trials, then TPE) or 'random'; "
+                         "'ray-optuna' is Ray's stock OptunaSearch with TPE, which reports stopped trials as "
+                         "complete (no study on disk; for comparison)", _one_of(*SEARCHERS))
     seed: int = _opt(0, "seed of Optuna's sampler", _at_least(0))
     startup_trials: int = _opt(4, "trials Optuna samples at random before TPE models the results", _at_least(1))
     storage: str = _opt("", "Optuna storage of the study: '' = results/NAME/study.db (SQLite), or a database URL "
