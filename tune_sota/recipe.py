@@ -186,9 +186,9 @@ def load_state(learn: Learner, blob: bytes) -> int:
     return int(state["epoch"])
 
 
-def evaluate(cfg: Config, blob: bytes, *, cpus: float | None = None) -> dict[str, float]:
-    """Rebuild `cfg`'s Learner, load a `save_state` checkpoint and `score` it."""
+def evaluate(cfg: Config, blob: bytes, *, cpus: float | None = None, tta: bool = True) -> dict[str, float]:
+    """Rebuild `cfg`'s Learner, load a `save_state` checkpoint and `score` it (`tta=False`: plainly only)."""
     workers, device = resources(cfg, cpus)
     learn = build_learner(cfg, make_dataloaders(cfg, workers=workers, device=device))
     load_state(learn, blob)
-    return score(learn)
+    return score(learn, tta=tta)
