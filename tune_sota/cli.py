@@ -144,6 +144,8 @@ def _search(args) -> int:
                              log=trackers)
     except runstate.SearchInterrupted as stopped:
         _counts(stopped.outcome, "interrupted after")
+        if stopped.cut:
+            print(f"  {stopped.cut} trial(s) stopped mid-epoch; they go on from their last checkpoint")
         print(f"  nothing was exported; resume with: {stopped.command}")
         return stopped.exit_code
     _summary(outcome)

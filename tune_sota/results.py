@@ -9,6 +9,7 @@ experiment folder (trial folders, checkpoints) is the same folder.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,13 @@ def live_tables(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     from ray.tune import ExperimentAnalysis, ResultGrid
 
     run = yaml.safe_load((results_dir / "run.yaml").read_text()) if (results_dir / "run.yaml").is_file() else {}
-    analysis = ExperimentAnalysis(run.get("experiment", str(results_dir)))
+    ray_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = ray_log.level
+    ray_log.setLevel(logging.ERROR)  # a trial that has not reported yet has no metrics: not worth a warning
+    try:
+        analysis = ExperimentAnalysis(run.get("experiment", str(results_dir)))
+    finally:
+        ray_log.setLevel(level)
     open_ids = {t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")}
     open_status = INTERRUPTED if run.get("status") == INTERRUPTED else UNFINISHED
     return tables(ResultGrid(analysis), run.get("searched", []), finished=True, open_ids=open_ids,

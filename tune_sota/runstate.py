@@ -3,8 +3,8 @@
 Stopping. While the Tuner runs, the first SIGINT (Ctrl-C) lets every running trial reach its next
 checkpoint (the end of its current epoch) and then ends the run through Ray Tune's own graceful stop
 (SIGUSR1: Ray saves the experiment state once more and stops the trials' workers). SIGTERM, which a
-process manager follows with SIGKILL after a grace period, and a second Ctrl-C stop at once: each trial
-keeps its last checkpoint. A third Ctrl-C raises KeyboardInterrupt. The trials cut off are
+process manager follows with SIGKILL after a grace period, and a second Ctrl-C stop at once: the trials
+cut off mid-epoch go back to their last checkpoint. A third Ctrl-C raises KeyboardInterrupt. The trials cut off are
 `interrupted`, nothing is exported, and `search.run` raises `SearchInterrupted`, which the CLI turns
 into one line with the command that resumes the search and exit code 130 (SIGINT) or 143 (SIGTERM).
 
@@ -36,11 +36,12 @@ RAY_ENDED = ("TERMINATED", "ERROR")  # Ray's trial statuses of a trial that will
 
 
 class SearchInterrupted(Exception):
-    """A search stopped by SIGINT/SIGTERM before its end: nothing was exported; `command` resumes it."""
+    """A search stopped by SIGINT/SIGTERM before its end: nothing was exported; `command` resumes it.
+    `cut`: trials stopped mid-epoch (by SIGTERM or a second Ctrl-C) rather than at a checkpoint."""
 
-    def __init__(self, outcome, signum: int, command: str):
+    def __init__(self, outcome, signum: int, command: str, cut: int = 0):
         super().__init__(f"{outcome.name} interrupted; resume with: {command}")
-        self.outcome, self.signum, self.command = outcome, signum, command
+        self.outcome, self.signum, self.command, self.cut = outcome, signum, command, cut
 
     @property
     def exit_code(self) -> int:
@@ -49,11 +50,12 @@ class SearchInterrupted(Exception):
 
 
 class Stopped(Exception):
-    """Raised by `_Stop.check` between a search's phases once a signal asked it to stop."""
+    """Raised by `_Stop.check` between a search's phases once a signal asked it to stop; `cut`: trials
+    stopped mid-epoch."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, cut: int = 0):
         super().__init__(f"stopped by signal {signum}")
-        self.signum = signum
+        self.signum, self.cut = signum, cut
 
 
 class _Stop:
@@ -65,6 +67,8 @@ class _Stop:
         self.presses = 0
         self.now = False  # stop without waiting for checkpoints
         self.waiting: set[str] | None = None  # trials still to reach their next checkpoint
+        self.running: set[str] = set()  # trials running at the last step of Tune's loop
+        self.cut = 0  # trials stopped mid-epoch
         self.fired = False  # Ray was asked to stop
         self.stepped = False  # Tune's loop has run our callback: it will act on a request
         self._old: dict = {}  # the handlers `catch` replaced
@@ -77,7 +81,7 @@ class _Stop:
             self.signum = signum
         if signum != signal.SIGINT or self.presses > 1:
             self.now = True
-        if self.presses > 2 or (self.fired and signum == signal.SIGINT):
+        if self.presses > 2:
             raise KeyboardInterrupt  # Ray's own stop is under way and the user insists
         if self.now or not self.stepped:
             self._fire()
@@ -100,22 +104,24 @@ class _Stop:
     def check(self):
         """Raise `Stopped` if a signal asked the search to stop: call it after every phase (each Tuner.fit)."""
         if self.signum is not None:
-            raise Stopped(self.signum)
+            raise Stopped(self.signum, self.cut)
 
     def new_run(self):
         """A Tuner's loop starts (the search's, then the confirmation's): it has not been asked anything yet."""
-        self.waiting, self.fired, self.stepped = None, False, False
+        self.waiting, self.fired, self.stepped, self.running = None, False, False, set()
 
     def _fire(self):
         """Ask Ray Tune to end the run: its SIGUSR1 handler saves the experiment state and stops the trials."""
         if self.fired or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
             return  # not yet inside the Tuner's loop: the callback fires at its first step
         self.fired = True
+        self.cut = len(self.waiting if self.waiting is not None else self.running)
         os.kill(os.getpid(), signal.SIGUSR1)
 
     def step(self, trials):
         """Tune's loop went round once: start waiting for checkpoints, or stop once none is awaited."""
         self.stepped = True
+        self.running = {t.trial_id for t in trials if t.status == "RUNNING"}
         if self.signum is None or self.fired:
             return
         if self.waiting is None and not self.now:

@@ -171,7 +171,7 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
                 Progress([], len(runs), out), runstate.StopAtCheckpoint()])
         stop.check()
     except runstate.Stopped as stopped:
-        raise _interrupted(stopped.signum, name, results_dir, results_root, address, t0, renamed_from) from None
+        raise _interrupted(stopped, name, results_dir, results_root, address, t0, renamed_from) from None
     finally:
         stop.release()
         ray.shutdown()
@@ -194,8 +194,8 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
                    s.select_on, disk)
 
 
-def _interrupted(signum: int, name: str, results_dir: Path, results_root, address: str | None, t0: float,
-                 renamed_from: str | None) -> runstate.SearchInterrupted:
+def _interrupted(stopped: runstate.Stopped, name: str, results_dir: Path, results_root, address: str | None,
+                 t0: float, renamed_from: str | None) -> runstate.SearchInterrupted:
     """A search stopped by a signal: marked interrupted, its trials as Ray saved them, how to resume it."""
     runstate.mark(results_dir, runstate.INTERRUPTED)
     try:
@@ -204,7 +204,8 @@ def _interrupted(signum: int, name: str, results_dir: Path, results_root, addres
         log.debug("no trial table of the interrupted search: %s", e)
         trials = pd.DataFrame(columns=["trial_id", "status"])
     outcome = Outcome(name, results_dir, trials, None, {}, time.time() - t0, renamed_from)
-    return runstate.SearchInterrupted(outcome, signum, runstate.command(name, results_root, address))
+    return runstate.SearchInterrupted(outcome, stopped.signum, runstate.command(name, results_root, address),
+                                      stopped.cut)
 
 
 def say(line: str) -> None:
