@@ -19,12 +19,12 @@ from fastai.callback.fp16 import MixedPrecision  # noqa: F401  (patches Learner.
 from fastai.callback.mixup import MixUp
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner.fit_one_cycle)
+from fastai.imports import noop  # the one ProgressCallback compares the logger with
 from fastai.learner import Learner, Recorder
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.vision.models import xresnet
-from fastcore.basics import noop
 from fastcore.foundation import L
 
 from tune_sota import cache, data, sources
