@@ -68,7 +68,8 @@ def prepare_source(data: str) -> Path:
         return Path(untar_data(getattr(URLs, DOWNLOADS[data])))
     except OSError as e:  # no network (URLError, socket errors and timeouts are OSErrors): the offline hint
         raise UserError(f"data: could not download {data} ({type(e).__name__}: {e}); without network, point "
-                        f"data: at a local copy, e.g. data: ../shared/data/imagenette2-128") from None
+                        f"data: at a local copy with train/ and val/ (in a space file a relative path is read "
+                        f"from its folder), e.g. --set data=../shared/data/imagenette2-128") from None
 
 
 def digits_folder() -> Path:
