@@ -88,16 +88,8 @@ def token_source() -> str | None:
     return None
 
 
-def use_token_if_available() -> str | None:
-    """Turn Ray's token authentication on for this process when a token is here and RAY_AUTH_MODE is unset.
-
-    Ray does this itself only for a cluster it finds on its own (`auto`); for an explicit address a
-    user would otherwise have to export RAY_AUTH_MODE=token. A token also works with a cluster that
-    does not ask for one. Returns the token's source, if one is used.
-    """
-    source = token_source()
-    if source is None or "RAY_AUTH_MODE" in os.environ:
-        return source if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else None
+def _turn_token_auth_on() -> None:
+    """Token authentication on for this process, as `RAY_AUTH_MODE=token` would have it."""
     os.environ["RAY_AUTH_MODE"] = "token"
     try:  # Ray caches its settings when it is imported: read them again, as Ray does when it turns auth on
         from ray._raylet import Config
@@ -105,8 +97,6 @@ def use_token_if_available() -> str | None:
         Config.initialize("")
     except (ImportError, AttributeError):  # a Ray without token authentication: nothing to turn on
         pass
-    log.info("joining with the Ray token from %s", source)
-    return source
 
 
 def token_error(named: str, source: str | None) -> UserError:
@@ -114,9 +104,9 @@ def token_error(named: str, source: str | None) -> UserError:
     mode = os.environ.get("RAY_AUTH_MODE", "")
     copy = ("copy the head's token (`ray get-auth-token` on the head prints it) into ~/.ray/auth_token on this "
             "machine, or point RAY_AUTH_TOKEN_PATH at a file holding it, or set RAY_AUTH_TOKEN")
-    if source and mode.lower() not in ("", "token"):
-        return UserError(f"{named}: the cluster uses token authentication but RAY_AUTH_MODE={mode} here; "
-                         f"set RAY_AUTH_MODE=token (the token in {source} is then used); see {DOCS}")
+    if source and mode.lower() != "token":
+        return UserError(f"{named}: the cluster uses token authentication but RAY_AUTH_MODE={mode or '(unset)'} "
+                         f"here; set RAY_AUTH_MODE=token (the token in {source} is then used); see {DOCS}")
     if source:
         return UserError(f"{named}: the cluster uses token authentication and refused the token in {source}: it "
                          f"is not the head's; {copy}; see {DOCS}")
@@ -148,23 +138,42 @@ def version_error(named: str, message: str) -> UserError | None:
                      f"`pip install ray=={ray_v[0]}` here (and Python {py_v[0]}), or run tune-sota on the head node")
 
 
-def _probe(resolved: str, named: str, source: str | None) -> None:
-    """Ask the cluster's GCS once whether it accepts this driver's token.
+def _refused(resolved: str) -> bool:
+    """Whether the cluster's GCS refuses this process for its token (or the lack of one), asked once.
 
-    `ray.init` retries a refused token for about 20 seconds and then reports only "Failed to connect";
+    `ray.init` retries a refused token for about 20 seconds and then says only "Failed to connect";
     one request with the client `ray.init` itself uses answers at once. Anything else wrong is left
     to `ray.init`, whose errors are mapped too.
     """
     try:
         from ray._raylet import GcsClient
     except ImportError:
-        return
+        return False
     try:
         with _quiet_stderr():  # Ray's C++ client logs the refusal itself: our one line says it
             GcsClient(address=resolved)
     except Exception as e:  # noqa: BLE001 (only a refused token is ours to name here)
-        if _is_auth_error(e):
-            raise token_error(named, source) from None
+        return _is_auth_error(e)
+    return False
+
+
+def join_with_token(resolved: str, named: str) -> None:
+    """Make this process acceptable to a cluster that uses token authentication, or say what is missing.
+
+    Ray turns token authentication on by itself only for a cluster it finds on its own (`auto`); for
+    an explicit address a user would have to export RAY_AUTH_MODE=token. Here it is turned on when the
+    cluster asks for a token and this machine has one. Not before: a driver in token mode refuses the
+    calls of a cluster without it, and its trials' actors die before they start.
+    """
+    if resolved.startswith("ray://") or not _refused(resolved):
+        return
+    source = token_source()
+    if source and "RAY_AUTH_MODE" not in os.environ:
+        _turn_token_auth_on()
+        log.info("joining with the Ray token from %s", source)
+        if not _refused(resolved):
+            return
+    raise token_error(named, source)
 
 
 @contextlib.contextmanager
@@ -203,15 +212,13 @@ def connect(address: str | None, settings=None):
     if resolved:
         check_address(address)
         named = _named(address, resolved)
-        source = use_token_if_available() or token_source()
-        if not resolved.startswith("ray://"):
-            _probe(resolved, named, source)
+        join_with_token(resolved, named)
         try:
             context = ray.init(address=resolved, **kwargs)
         except Exception as e:
             ray.shutdown()  # a version mismatch is found after the driver has half joined
             if _is_auth_error(e):
-                raise token_error(named, source) from None
+                raise token_error(named, token_source()) from None
             text = "\n".join(str(x) for x in (e, e.__cause__) if x)
             raise version_error(named, text) or UserError(
                 f"{named}: cannot reach a Ray cluster there ({str(e).splitlines()[0]}); start one with "
