@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import time
 import warnings
@@ -40,10 +41,20 @@ def _parser() -> argparse.ArgumentParser:
         description="Search chapter 7's training techniques (MixUp, label smoothing, progressive resizing, "
                     "learning rate, epochs) for an xresnet trained from scratch, with Ray Tune, ASHA and Optuna.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    loud = argparse.ArgumentParser(add_help=False)  # every command takes these
+    says = loud.add_mutually_exclusive_group()
+    says.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the closing summary")
+    says.add_argument("-v", "--verbose", action="store_true", help="also tune_sota's debug lines and everything "
+                      "Ray and the trial processes print (their logs, warnings and tracebacks)")
 
-    s = sub.add_parser("search", help="run a hyperparameter search and export the best trial",
-                       description="Run a search over a space file; write results/NAME/{best.yaml,trials.csv,"
-                                   "history.csv}. The best trials are re-scored with test-time augmentation.")
+    s = sub.add_parser("search", parents=[loud], help="run a hyperparameter search, confirm its winner against "
+                       "chapter 7's plain recipe, and export it",
+                       description="Run a search over a space file. Trials are judged on a holdout of train/ "
+                                   "(ASHA stops weak ones half-way through their own schedule); the best configs "
+                                   "are then retrained on all of train/ with several seeds and scored on val/, "
+                                   "plainly and with test-time augmentation, beside the baseline run the same way. "
+                                   "Writes results/NAME/: best.yaml, trials.csv, history.csv, confirm.csv, study.db, "
+                                   "report.html.")
     s.add_argument("--space", default="quick", metavar="NAME|PATH",
                    help="search space: a name in search_spaces/ or a .yaml path (default: quick, offline)")
     s.add_argument("--name", help="experiment name (default: the space's name; a taken name gets -2, -3...)")
@@ -64,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also log every trial to a tracker through Ray's logger callbacks (repeatable): MLflow "
                    "(default store: results/NAME/mlflow.db) or W&B (offline when there is no API key)")
 
-    t = sub.add_parser("train", help="train one fixed config outside Ray (e.g. an exported best.yaml)",
+    t = sub.add_parser("train", parents=[loud], help="train one fixed config outside Ray (e.g. an exported best.yaml)",
                        description="Train one config with every value fixed (an exported best.yaml, or any space "
                                    "file without distributions) outside Ray: one line per epoch, then plain and "
                                    "TTA accuracy. Example: tune-sota train --config results/quick/best.yaml")
@@ -74,25 +85,26 @@ def _parser() -> argparse.ArgumentParser:
                    "scores.json; load it with tune_sota.load_model(DIR) (default: model, model-2... beside --config)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
 
-    r = sub.add_parser("trials", help="print the trial table of a search",
+    r = sub.add_parser("trials", parents=[loud], help="print the trial table of a search",
                        description="Print one row per trial (tune_sota.load_trials); --history prints one row "
                                    "per trial per epoch (tune_sota.load_history).")
     r.add_argument("results_dir", metavar="RESULTS_DIR",
                    help="a folder that `tune-sota search` wrote, e.g. results/quick")
     r.add_argument("--history", action="store_true", help="one row per trial per epoch")
 
-    rep = sub.add_parser("report", help="write a search's report.html (and PNG figures) again",
+    rep = sub.add_parser("report", parents=[loud], help="write a search's report.html (and PNG figures) again",
                          description="Write RESULTS_DIR/report.html, one self-contained page that opens offline, "
                                      "and RESULTS_DIR/figures/*.png. Every search writes them when it ends; this "
                                      "rebuilds them, also for folders written by older versions.")
     rep.add_argument("results_dir", metavar="RESULTS_DIR", help="a folder that `tune-sota search` wrote")
 
-    d = sub.add_parser("dashboard", help="serve optuna-dashboard on a search's study (127.0.0.1 only)",
+    d = sub.add_parser("dashboard", parents=[loud], help="serve optuna-dashboard on a search's study (127.0.0.1 only)",
                        description="Start optuna-dashboard on RESULTS_DIR's Optuna study, bound to 127.0.0.1, "
                                    "and print its URL; Ctrl-C stops it.")
     d.add_argument("results_dir", metavar="RESULTS_DIR", help="a folder that `tune-sota search` wrote")
     d.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
-    c = sub.add_parser("cluster-check", help="check a Ray cluster before a long search: nodes, versions, storage, data",
+    c = sub.add_parser("cluster-check", parents=[loud],
+                       help="check a Ray cluster before a long search: nodes, versions, storage, data",
                        description="Join the cluster at --address and run a tiny task on every node: its CPUs and "
                                    "GPUs, its Ray, Python and tune_sota versions, whether --storage is writable from "
                                    "it and shared with the other nodes, and whether --space's data folders are "
@@ -208,7 +220,8 @@ def _summary(o) -> None:
         print("  note: trials were judged on val/ (select_on: val), so these figures are optimistic: the data that "
               "chose the winner also scores it")
     print(f"  best config: {o.results_dir}/best.yaml  (retrain: tune-sota train --config {o.results_dir}/best.yaml)")
-    print(f"  tables:      {o.results_dir}/trials.csv, history.csv, confirm.csv  (tune-sota trials {o.results_dir})")
+    tables = "trials.csv, history.csv" + (", confirm.csv" if o.answer else "")
+    print(f"  tables:      {o.results_dir}/{tables}  (tune-sota trials {o.results_dir})")
     _disk(o)
 
 
@@ -313,10 +326,25 @@ def _cluster_check(args) -> int:
     return 1 if found else 0
 
 
+LIBRARIES = r"(fastai|fastcore|fasttransform|fastprogress|torch|torchvision|ray|optuna|pandas|sklearn|mlflow)(\.|$)"
+
+
+def _say_through_logging(level: int) -> None:
+    """The library logs (`tune_sota` logger: progress lines, notices); here they reach the terminal, bare,
+    at the level --quiet / --verbose chose."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("tune_sota")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit notices from fastai's import
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    _say_through_logging(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    # Notices the libraries raise about their own internals (torch.jit, pkg_resources...), not about ours.
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
     try:
         return {"search": _search, "train": _train, "trials": _trials, "report": _report,
                 "dashboard": _dashboard, "cluster-check": _cluster_check}[args.command](args)

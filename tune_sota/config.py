@@ -484,6 +484,18 @@ def write_atomic(path: Path, text: str):
         raise
 
 
+def plain(x, nan=math.nan):
+    """`x` with numpy/torch scalars as Python values, recursively through mappings and sequences (any
+    iterable but a string), and NaN as `nan`: what YAML and `torch.load(weights_only=True)` accept."""
+    if isinstance(x, dict):
+        return {k: plain(v, nan) for k, v in x.items()}
+    if hasattr(x, "__iter__") and not isinstance(x, (str, bytes)) and not hasattr(x, "shape"):
+        return [plain(v, nan) for v in x]
+    if hasattr(x, "item") and getattr(x, "shape", ()) == ():
+        x = x.item()
+    return nan if isinstance(x, float) and math.isnan(x) else x
+
+
 def field_help(cls) -> dict[str, str]:
     """Each field's help text, for --help and the docs."""
     return {f.name: f.metadata.get("help", "") for f in fields(cls)}

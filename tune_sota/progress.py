@@ -109,7 +109,7 @@ class Progress(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial)
         r = trial.last_result or {}
-        status = results._status(r, None, finished=True)
+        status = results.status_of(r, None, finished=True)
         how = f"{status} after {r.get('epoch', 0)}/{r.get('epochs', '?')} epochs"
         if r.get("error"):
             how += f": {r['error']}"

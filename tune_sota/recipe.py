@@ -11,7 +11,6 @@ import os
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from fastai.callback.channelslast import ChannelsLast  # noqa: F401  (patches Learner.to_channelslast)
 from fastai.callback.core import Callback, CancelFitException
@@ -28,7 +27,7 @@ from fastai.vision.models import xresnet
 from fastcore.foundation import L
 
 from tune_sota import cache, data, sources
-from tune_sota.config import Config
+from tune_sota.config import Config, plain
 from tune_sota.results import EpochReport
 from tune_sota.schedule import size_at_epoch
 
@@ -152,21 +151,11 @@ def score(learn: Learner, tta: bool = True) -> dict[str, float]:
     return out
 
 
-def _plain(x):
-    """Optimizer hyper-parameters hold numpy scalars; plain floats load with weights_only=True."""
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, L)):
-        return [_plain(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
-
-
 def save_state(learn: Learner, epochs_done: int) -> bytes:
     """Model and optimizer state after `epochs_done` epochs, as bytes (never a pickled Learner)."""
     buf = io.BytesIO()
-    opt = _plain(learn.opt.state_dict()) if learn.opt is not None else None
+    # Optimizer hyper-parameters hold numpy scalars (and fastcore's L): plain values load with weights_only.
+    opt = plain(dict(learn.opt.state_dict())) if learn.opt is not None else None
     torch.save({"model": learn.model.state_dict(), "opt": opt, "epoch": epochs_done}, buf)
     return buf.getvalue()
 

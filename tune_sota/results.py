@@ -53,7 +53,8 @@ HISTORY_COLUMNS = ["trial_id", *(f.name for f in dataclasses.fields(EpochReport)
                    "node", "start_epoch"]
 
 
-def _status(metrics: dict, ray_error, finished: bool) -> str:
+def status_of(metrics: dict, ray_error, finished: bool) -> str:
+    """A trial's status from its last metrics, Ray's error, and whether the search ran to its end."""
     if ray_error is not None or metrics.get("error"):
         return ERROR
     if metrics.get("diverged"):
@@ -79,7 +80,7 @@ def tables(grid, searched: list[str], *, finished: bool, open_ids=(), open_statu
             history.append(h)
         best = float(frame["accuracy"].max()) if frame is not None and len(frame) else math.nan
         error = m.get("error") or (str(result.error).splitlines()[0][:500] if result.error else "")
-        status = _status(m, result.error, finished)
+        status = status_of(m, result.error, finished)
         if trial_id in open_ids and status in (STOPPED, UNFINISHED):
             status = open_status
         rows.append({

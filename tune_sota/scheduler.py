@@ -44,7 +44,7 @@ class ScheduleASHA(FIFOScheduler):
     def __init__(self, *, shares: list[float], reduction_factor: int, state_file: str | None = None,
                  metric: str | None = None, mode: str | None = None):
         super().__init__()
-        self._metric, self._mode = metric, mode  # Tune sets them (set_search_properties) when not given
+        self.key, self.direction = metric, mode  # Tune sets them (set_search_properties) when not given
         self.shares, self.rf, self.state_file = sorted(shares), reduction_factor, state_file
         self.records: dict[float, dict[str, float]] = {s: {} for s in self.shares}
         self._load()
@@ -55,7 +55,7 @@ class ScheduleASHA(FIFOScheduler):
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         """Take Tune's metric and mode unless given at construction."""
-        self._metric, self._mode = self._metric or metric, self._mode or mode
+        self.key, self.direction = self.key or metric, self.direction or mode
         return True
 
     def _load(self) -> None:
@@ -72,7 +72,7 @@ class ScheduleASHA(FIFOScheduler):
         without Ray: what `on_trial_result` applies)."""
         if epochs <= 0 or epoch >= epochs or not math.isfinite(value):
             return TrialScheduler.CONTINUE
-        sign = 1.0 if self._mode == "max" else -1.0
+        sign = 1.0 if self.direction == "max" else -1.0
         action, changed = TrialScheduler.CONTINUE, False
         for share in self.shares:
             recorded = self.records[share]
@@ -90,9 +90,9 @@ class ScheduleASHA(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         """Judge a trial at each rung share it has reached; results of failed epochs are not judged."""
-        if result.get("error") or result.get("diverged") or self._metric not in result:
+        if result.get("error") or result.get("diverged") or self.key not in result:
             return TrialScheduler.CONTINUE
-        return self.decide(trial.trial_id, int(result["epoch"]), int(result["epochs"]), float(result[self._metric]))
+        return self.decide(trial.trial_id, int(result["epoch"]), int(result["epochs"]), float(result[self.key]))
 
     def debug_string(self) -> str:
         return "ScheduleASHA: " + ", ".join(f"{s:.0%} of schedule: {len(r)} recorded" for s, r in self.records.items())

@@ -21,7 +21,7 @@ import yaml
 from ray import tune
 
 from tune_sota import cluster, confirm, model, preflight, results, runstate, scheduler, searcher, sources, trainable
-from tune_sota.config import Config, Dist, Space, parse_space, space_to_yaml, write_atomic
+from tune_sota.config import Config, Dist, Space, parse_space, plain, space_to_yaml, write_atomic
 from tune_sota.progress import Progress, tracker_callbacks
 from tune_sota.report import write_quietly
 
@@ -209,9 +209,9 @@ def _interrupted(stopped: runstate.Stopped, name: str, results_dir: Path, result
 
 
 def say(line: str) -> None:
-    """Print a progress line (a module function: Tune pickles the callbacks that hold it, and after a
-    first fit `print` itself no longer pickles)."""
-    print(line, flush=True)
+    """A progress line, logged for the CLI to show (a module function: Tune pickles the callbacks that
+    hold it, and after a first fit `print` itself no longer pickles)."""
+    logging.getLogger("tune_sota.progress").info(line)
 
 
 def _prune_checkpoints(space: Space, trials: pd.DataFrame, best_row: dict, results_dir: Path, storage: str,
@@ -330,18 +330,7 @@ def _result_block(space: Space, row: dict, answer: dict | None, trials: pd.DataF
     block.update(cost={"search_trial_s": float(trials.time_s.sum()),
                        "confirm_trial_s": answer["confirm_s"] if answer else 0.0, "wall_s": wall_s},
                  command=command, checkpoint=row.get("path", ""), versions=versions())
-    return _plain(block)
-
-
-def _plain(v):
-    """numpy/pandas scalars (in dicts and lists) as plain YAML values; NaN as null."""
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if hasattr(v, "item"):
-        v = v.item()
-    return None if isinstance(v, float) and math.isnan(v) else v
+    return plain(block, nan=None)
 
 
 def command_line() -> str:

@@ -92,9 +92,8 @@ class StudySearcher(Searcher):
         return self._study
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        """Accept Tune's metric and mode when not given here; the space is always our own."""
-        self._metric = self._metric or metric
-        self._mode = self._mode or mode
+        """Accept Tune's search properties: the metric and mode were given at construction, and the space
+        is always our own."""
         return True
 
     def suggest(self, trial_id: str) -> dict | None:
