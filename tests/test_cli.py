@@ -4,7 +4,10 @@ nothing untrusted is deserialized."""
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -100,6 +103,24 @@ BAD_DATA = {
     "single_class": (_single_class, ["has 1 class folder(s)", "at least 2"]),
     "all_unreadable": (_all_unreadable, ["are unreadable", "fix or remove them"]),
 }
+
+
+def test_a_batch_bigger_than_the_training_images_is_an_error_before_ray(tmp_path, capsys):
+    """12 training images (the holdout takes 3 more) and batch_size 64: not one batch would train."""
+    root = make_image_folder(tmp_path / "few", per_class=(4, 2))
+    space = write_space(tmp_path / "s.yaml", tiny(root, batch_size=64), {"holdout": 0.25})
+    code, err = run_main(capsys, "search", "--space", space, "--results", tmp_path / "results")
+    assert_one_line_error(code, err, "batch_size 64 but only 9 training images after holding out 25%",
+                          "use batch_size 4 or less")
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n", "{}\n"], ids=["empty", "comment", "empty_map"])
+def test_a_space_that_sets_nothing_is_an_error(text, tmp_path, capsys):
+    (tmp_path / "blank.yaml").write_text(text)
+    code, err = run_main(capsys, "search", "--space", tmp_path / "blank.yaml", "--results", tmp_path / "results")
+    assert_one_line_error(code, err, "blank.yaml", "the space sets nothing", "give at least `data:`")
+    assert not (tmp_path / "results").exists()
 
 
 @pytest.mark.parametrize("case", BAD_DATA, ids=str)
@@ -254,3 +275,16 @@ def test_ray_dashboard_stays_off():
         assert not context.dashboard_url
     finally:
         ray.shutdown()
+
+
+def test_a_download_that_fails_for_another_reason_keeps_its_cause(tmp_path):
+    """Only network failures get the offline hint; here fastai's own config file is broken."""
+    (tmp_path / "fastai").mkdir()
+    (tmp_path / "fastai" / "config.ini").write_text("not an ini file\n[[[\n")
+    (tmp_path / "c.yaml").write_text("data: imagenette2-160\narch: xresnet18\nepochs: 1\n")
+    env = {**os.environ, "FASTAI_HOME": str(tmp_path / "fastai"), "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run([sys.executable, "-m", "tune_sota.cli", "train", "--config", tmp_path / "c.yaml"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert "could not download imagenette2-160: MissingSectionHeaderError" in line and "without network" not in line

@@ -9,9 +9,13 @@ what this module prepares.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import mimetypes
 import os
 import shutil
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +39,7 @@ DIGITS_PX = 64  # the 8x8 digits are upscaled so that presizing and random crops
 IMAGE_EXTS = {ext for ext, kind in mimetypes.types_map.items() if kind.startswith("image/")} | {".webp"}
 MOSTLY_UNREADABLE = 0.5  # above this share of unreadable images a split is an error, below it they are skipped
 SPLITS = ("train", "val")
+log = logging.getLogger(__name__)
 HOLDOUT_SEED = 0  # the holdout is a property of the data, not of a trial: the same in every run
 
 
@@ -64,12 +69,19 @@ def prepare_source(data: str) -> Path:
                         f"{', '.join(DOWNLOADS)}, or a folder with train/ and val/ (one subfolder per class)")
     from fastai.data.external import URLs, untar_data
 
+    # fastprogress draws its bar into any stdout; into a log file or a pipe it is stray block characters.
+    shown = contextlib.nullcontext() if sys.stdout.isatty() else contextlib.redirect_stdout(io.StringIO())
     try:
-        return Path(untar_data(getattr(URLs, DOWNLOADS[data])))
+        log.info("downloading %s with fastai's untar_data (once)", data)
+        with shown:
+            return Path(untar_data(getattr(URLs, DOWNLOADS[data])))
     except OSError as e:  # no network (URLError, socket errors and timeouts are OSErrors): the offline hint
         raise UserError(f"data: could not download {data} ({type(e).__name__}: {e}); without network, point "
                         f"data: at a local copy with train/ and val/ (in a space file a relative path is read "
                         f"from its folder), e.g. --set data=../shared/data/imagenette2-128") from None
+    except Exception as e:  # anything else (fastai's config, a broken archive) says what it was, unhinted
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"data: could not download {data}: {type(e).__name__}: {first}") from None
 
 
 def digits_folder() -> Path:
