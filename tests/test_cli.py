@@ -213,8 +213,12 @@ def test_a_few_unreadable_or_non_rgb_files_train_on_and_are_reported(tmp_path, c
     said = capsys.readouterr().out
     assert "skipping 1 unreadable image(s)" in said and "broken.png" in said
     reports = []
-    recipe.train(Config(**tiny(root, epochs=1)), cpus=1, on_epoch=lambda r, _: reports.append(r))
-    assert len(reports) == 1 and reports[0].accuracy >= 0
+    learn = recipe.train(Config(**tiny(root, epochs=1)), cpus=1, on_epoch=lambda r, _: reports.append(r))
+    modes = len(list((root / "train" / "red").glob("*"))) - 8  # the non-RGB files _save_modes wrote
+    assert len(learn.dls.train.dataset) == 24 + 2 * modes, "every readable file, whatever its mode, is trained on"
+    assert len(learn.dls.valid.dataset) == 9
+    (r,) = reports
+    assert np.isfinite(r.train_loss) and np.isfinite(r.valid_loss) and 0 <= r.accuracy <= 1
 
 
 # --- nothing lost ----------------------------------------------------------------------------------
