@@ -4,6 +4,7 @@ signals), a trained model loads again, and the command line's `--set` is checked
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -47,7 +48,7 @@ def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, 
     space = write_space(tmp_path / "sig.yaml", {**tiny(slower_folder, epochs=4, size=32, presize=36),
                                                 "lr": {"loguniform": [1e-3, 1e-2]}},
                         {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "startup_trials": 2,
-                         "scheduler": "fifo", "confirm_top": 0})
+                         "scheduler": "asha", "grace": 0.5, "confirm_top": 0})
     results = tmp_path / "results"
     (results / "sig").mkdir(parents=True)  # taken: the search is named sig-2, and the command must say so
     folder = results / "sig-2"
@@ -63,20 +64,30 @@ def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, 
     assert not (folder / "best.yaml").exists() and not (folder / "trials.csv").exists()
     assert yaml.safe_load((folder / "run.yaml").read_text())["status"] == "interrupted"
     cut = load_trials(folder)
-    assert "interrupted" in set(cut.status) and set(cut.status) <= {"interrupted", "completed"}, cut
+    assert "interrupted" in set(cut.status) and set(cut.status) <= {"interrupted", "completed", "stopped"}, cut
     assert "sig-2 interrupted after" in out and "interrupted)" in out
-    ended_before = int((cut.status == "completed").sum())
+    ended_before = int(cut.status.isin(["completed", "stopped"]).sum())
     interrupted = cut[(cut.status == "interrupted") & (cut.epochs_run > 0)]
+    rungs_before = json.loads((folder / "scheduler.json").read_text()) if (folder / "scheduler.json").exists() else {}
 
     resumed = subprocess.run([sys.executable, "-m", "tune_sota.cli", *_resume_argv(resume_line[0])], cwd=ROOT,
                              env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     trials, history = load_trials(folder), load_history(folder)
-    assert len(trials) == 4 and set(trials.status) == {"completed"}, trials
+    assert len(trials) == 4 and set(trials.status) <= {"completed", "stopped"}, trials
     for trial_id in interrupted.trial_id:  # went on from its checkpoint, not from epoch 1
         h = history[history.trial_id == trial_id]
-        assert h.epoch.is_unique and h.epoch.max() == 4 and (h.start_epoch > 0).any(), h
+        assert h.epoch.is_unique and (h.start_epoch > 0).any(), h
+    # ASHA's rung records came back: what was recorded before Ctrl-C is still there, unchanged (a trial that
+    # passed the 50% rung was not judged again against an empty rung), and every stop is on that rung.
+    rungs = json.loads((folder / "scheduler.json").read_text())
+    for share, recorded in rungs_before.items():
+        assert recorded.items() <= rungs[share].items(), (share, recorded, rungs[share])
+    half = rungs[repr(0.5)]
+    for _, t in trials[trials.status == "stopped"].iterrows():
+        assert t.trial_id in half and t.epochs_run == 2, t
+        assert half[t.trial_id] < max(half.values()), "stopped below the best at its rung"
     counters = [int(n) for n in re.findall(r"\[(\d+)/4\]", resumed.stdout)]
     assert counters and counters[0] == ended_before + 1 and counters[-1] == 4, resumed.stdout[-3000:]
     assert yaml.safe_load((folder / "run.yaml").read_text())["status"] == "finished"
