@@ -106,6 +106,7 @@ def make_scheduler(name: str, *, grace: float, reduction_factor: int, max_epochs
         return FIFOScheduler()
     if name == "ray-asha":
         return ASHAScheduler(time_attr="epoch", max_t=max_epochs,
-                             grace_period=max(1, round(grace * max_epochs)), reduction_factor=reduction_factor)
+                             grace_period=max(1, math.ceil(grace * max_epochs - 1e-9)),
+                             reduction_factor=reduction_factor)
     return ScheduleASHA(shares=rung_shares(grace, reduction_factor), reduction_factor=reduction_factor,
                         state_file=state_file)
