@@ -39,8 +39,7 @@ def main():
     if run.returncode:
         sys.exit(f"search failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
 
-    from tune_sota import load_trials
-    from tune_sota.confirm import load_confirm
+    from tune_sota import load_confirm, load_trials
 
     folder = tmp / args.space
     trials, confirm = load_trials(folder), load_confirm(folder)

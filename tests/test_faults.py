@@ -16,8 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, cli, make_image_folder, tiny, write_space
-from tune_sota import load_history, load_trials
-from tune_sota.confirm import load_confirm
+from tune_sota import load_confirm, load_history, load_trials
 from tune_sota.searcher import RAY_ID, study_url
 
 pytestmark = pytest.mark.slow

@@ -8,9 +8,8 @@ import pytest
 import yaml
 
 from tests.conftest import cli, tiny, write_space
-from tune_sota import load_history, load_trials
+from tune_sota import load_confirm, load_history, load_trials
 from tune_sota.config import SPACES_DIR, load_space, parse_space
-from tune_sota.confirm import load_confirm
 from tune_sota.searcher import RAY_ID, study_url
 
 pytestmark = pytest.mark.slow
@@ -152,6 +151,9 @@ def test_trials_command_prints_the_table(searched):
     assert run.returncode == 0 and run.stdout.splitlines()[0].split()[:2] == ["trial_id", "status"]
     for _, t in load_trials(folder).iterrows():
         assert any(line.split()[:2] == [t.trial_id, t.status] for line in run.stdout.splitlines()), t.trial_id
+    runs = cli("trials", folder, "--confirm")
+    assert runs.returncode == 0 and runs.stdout.splitlines()[0].split()[:3] == ["role", "rank", "trial_id"]
+    assert sum(line.split()[0] in ("candidate", "baseline") for line in runs.stdout.splitlines()[1:]) == 4
 
 
 @pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.stem)

@@ -9,6 +9,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 from tune_sota.config import Config, SearchSettings, Space, UserError, load_space  # noqa: E402
 from tune_sota.model import load_model  # noqa: E402
-from tune_sota.results import load_history, load_trials  # noqa: E402
+from tune_sota.results import load_confirm, load_history, load_trials  # noqa: E402
 
-__all__ = ["Config", "SearchSettings", "Space", "UserError", "load_space", "load_trials", "load_history", "load_model"]
+__all__ = ["Config", "SearchSettings", "Space", "UserError", "load_space", "load_trials", "load_history",
+           "load_confirm", "load_model"]

@@ -90,7 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                                    "per trial per epoch (tune_sota.load_history).")
     r.add_argument("results_dir", metavar="RESULTS_DIR",
                    help="a folder that `tune-sota search` wrote, e.g. results/quick")
-    r.add_argument("--history", action="store_true", help="one row per trial per epoch")
+    shown = r.add_mutually_exclusive_group()
+    shown.add_argument("--history", action="store_true", help="one row per trial per epoch")
+    shown.add_argument("--confirm", action="store_true", help="one row per confirmation run (the winner's configs "
+                       "and the baseline, per seed, scored on val/)")
 
     rep = sub.add_parser("report", parents=[loud], help="write a search's report.html (and PNG figures) again",
                          description="Write RESULTS_DIR/report.html, one self-contained page that opens offline, "
@@ -283,9 +286,14 @@ def _train(args) -> int:
 def _trials(args) -> int:
     import pandas as pd
 
-    from tune_sota.results import load_history, load_trials
+    from tune_sota.results import load_confirm, load_history, load_trials
 
-    frame = load_history(args.results_dir) if args.history else load_trials(args.results_dir).drop(columns="path")
+    if args.history:
+        frame = load_history(args.results_dir)
+    elif args.confirm:
+        frame = load_confirm(args.results_dir).drop(columns="path")
+    else:
+        frame = load_trials(args.results_dir).drop(columns="path")
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200):
         print(frame.to_string(index=False))
     return 0

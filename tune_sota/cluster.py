@@ -215,7 +215,7 @@ def connect(address: str | None, settings=None):
         join_with_token(resolved, named)
         try:
             context = ray.init(address=resolved, **kwargs)
-        except Exception as e:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
             ray.shutdown()  # a version mismatch is found after the driver has half joined
             if _is_auth_error(e):
                 raise token_error(named, token_source()) from None

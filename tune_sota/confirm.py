@@ -15,7 +15,6 @@ restores them like trials instead of redoing the finished ones.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pandas as pd
 from ray import tune
@@ -103,11 +102,3 @@ def answer(confirm: pd.DataFrame) -> dict | None:
         out["gain_tta_points"] = 100 * (winner["tta_mean"] - out["baseline"]["tta_mean"])
     out["confirm_s"] = float(confirm.time_s.sum())
     return out
-
-
-def load_confirm(results_dir) -> pd.DataFrame:
-    """One row per confirmation run of a finished search: role, rank, source trial, seed, epochs, plain and
-    TTA accuracy on val/, time."""
-    path = Path(results_dir) / "confirm.csv"
-    frame = pd.read_csv(path, dtype={"trial_id": str, "role": str, "error": str, "path": str})
-    return frame.fillna({"trial_id": "", "error": "", "path": ""})

@@ -133,7 +133,7 @@ def _results_dir(results_dir) -> Path:
 
 
 # Read back as text whatever is text, so that a trial id like "00123456" or a schedule like "32" stays so.
-TEXT_COLUMNS = {"trial_id", "status", "error", "node", "path"} | {
+TEXT_COLUMNS = {"trial_id", "status", "error", "node", "path", "role"} | {
     f.name for f in dataclasses.fields(Config) if f.type == "str"}
 
 
@@ -191,3 +191,13 @@ def edge_notes(space, best: Config) -> list[str]:
         notes.append(f"{key}={v:.4g} is at the {where} of its searched range [{lo:g}, {hi:g}]; the best may lie "
                      f"beyond: widen it, e.g. --set '{key}={{{dist.kind}: [{shown}]}}'")
     return notes
+
+
+def load_confirm(results_dir) -> pd.DataFrame:
+    """One row per confirmation run of a finished search: role (candidate or baseline), rank, source trial,
+    seed, epochs, plain and TTA accuracy on val/, time, error, checkpoint."""
+    p = _results_dir(results_dir)
+    if not (p / "confirm.csv").is_file():
+        raise UserError(f"{p} has no confirm.csv: the search confirmed nothing (confirm_top 0), or has not "
+                        f"finished; `tune-sota trials {p}` shows its trials")
+    return _read_csv(p / "confirm.csv").fillna({"trial_id": "", "path": ""})
