@@ -166,3 +166,20 @@ def _items(dl) -> list[int]:
         return sorted(ds.rows.tolist())
     scanned = [p for p, _ in sources.scan(Path(ds.items[0]).parents[2], ("train",)).splits["train"]]
     return sorted(scanned.index(p) for p in ds.items)
+
+
+def test_chapter7_augmentation_on_cached_batches(folder):
+    """`augment: chapter7` runs fastai's aug_transforms on the cached batches; progressive resizing still
+    sets the crop, and validation stays deterministic at the final size."""
+    from fastai.vision.augment import Brightness
+
+    cfg = Config(**tiny(folder, batch_size=4, resize="8>16", augment="chapter7"))
+    dls = cache.cached_dataloaders(cfg, folder, device=torch.device("cpu"))
+    assert any(isinstance(t, Brightness) for t in dls.train.after_batch.fs)
+    assert not any(isinstance(t, Brightness) for t in cache.cached_dataloaders(Config(**tiny(folder)), folder,
+                                                                        device=torch.device("cpu")).train.after_batch.fs)
+    assert dls.train.one_batch()[0].shape == (4, 3, 8, 8)
+    data.set_train_size(dls, 16)
+    assert dls.train.one_batch()[0].shape == (4, 3, 16, 16)
+    plain = torch.cat([b[0] for b in dls.valid])
+    assert plain.shape[-1] == 16 and torch.equal(plain, torch.cat([b[0] for b in dls.valid]))
