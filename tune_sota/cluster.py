@@ -205,9 +205,20 @@ def connect(address: str | None, settings=None):
     # driver loses at most that much on --resume; the state is small next to a trial's checkpoint.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A successful search shows tune_sota's lines only: the trial processes' own output (library notices,
+    # Ray's SIGTERM traceback when a reused worker is shut down) and Ray's warnings in this process (its
+    # token-authentication notice at every start) reach the terminal only with --verbose; a trial's error
+    # is in its row and its error.txt either way, and what would stop a search is checked by us first.
+    # Ray's prefixes carry no colour codes into a file, and its warning that per-epoch checkpoints force
+    # experiment snapshots stays quiet: on the driver's disk a snapshot takes milliseconds
+    # (bench/tune_overhead.py measures what the search adds).
+    verbose = logging.getLogger("tune_sota").isEnabledFor(logging.DEBUG)
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     quiet_workers = {"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}}
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True,
-                  runtime_env=quiet_workers)
+    kwargs = dict(include_dashboard=False, logging_level=logging.INFO if verbose else logging.ERROR,
+                  configure_logging=True, runtime_env=quiet_workers, log_to_driver=verbose)
     resolved = resolve_address(address)
     if resolved:
         check_address(address)
