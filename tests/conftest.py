@@ -56,3 +56,26 @@ def cli(*args, cwd=ROOT, timeout=900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "tune_sota.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+ALL_FIVE = {
+    "lr": {"loguniform": [1.0e-5, 5.0e-2]},  # wide, so that ASHA has clearly weak trials to stop
+    "epochs": {"randint": [2, 4]},
+    "mixup": {"choice": [0.0, 0.4]},
+    "label_smoothing": {"uniform": [0.0, 0.2]},
+    "resize": {"choice": ["16", "8>16"]},
+}
+
+
+@pytest.fixture(scope="session")
+def searched(tmp_path_factory, image_folder):
+    """One real search through the CLI (all five of chapter 7's dimensions, ASHA, a holdout, confirmation,
+    MLflow logging), shared by every test that reads a search's outputs: tests/test_search.py, test_report.py."""
+    tmp = tmp_path_factory.mktemp("search")
+    space = write_space(tmp / "e2e.yaml", {**tiny(image_folder), **ALL_FIVE},
+                        {"num_samples": 8, "max_concurrent": 2, "grace": 0.25, "reduction_factor": 4,
+                         "startup_trials": 3, "cpus_per_trial": 1, "holdout": 0.2, "confirm_top": 1,
+                         "confirm_seeds": 2})
+    run = cli("search", "--space", space, "--results", tmp / "results", "--log", "mlflow")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return tmp / "results" / "e2e", run

@@ -19,28 +19,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import ROOT, cli, tiny, write_space
+from tests.conftest import ROOT, cli, write_space
 from tune_sota import load_history, load_trials, report
 from tune_sota.cli import main
-
-SPACE = {
-    "lr": {"loguniform": [1.0e-5, 5.0e-2]},  # wide, so that some trials are clearly weak
-    "epochs": {"randint": [1, 3]},
-    "mixup": {"choice": [0.0, 0.4]},
-    "resize": {"choice": ["16", "8>16"]},
-}
-SEARCH = {"num_samples": 5, "max_concurrent": 2, "reduction_factor": 2, "startup_trials": 3, "cpus_per_trial": 1,
-          "confirm_top": 1, "confirm_seeds": 1}
-
-
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory, image_folder):
-    """One real search through the CLI, logging to MLflow, shared by the tests that read its outputs."""
-    tmp = tmp_path_factory.mktemp("report")
-    space = write_space(tmp / "rep.yaml", {**tiny(image_folder), **SPACE}, SEARCH)
-    run = cli("search", "--space", space, "--results", tmp / "results", "--log", "mlflow")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return tmp / "results" / "rep", run
 
 
 def run_main(capsys, *argv) -> tuple[int, str]:
@@ -118,9 +99,9 @@ def test_search_writes_report_and_figures(searched):
 def test_progress_lines_show_best_elapsed_and_time_left(searched):
     _, run = searched
     epoch = [line for line in run.stdout.splitlines() if line.startswith("  epoch  ")]
-    done = [line for line in run.stdout.splitlines() if re.match(r"  \[\d+/5\] ", line)]
+    done = [line for line in run.stdout.splitlines() if re.match(r"  \[\d+/8\] ", line)]
     assert epoch and all(re.search(r"\| best \d\.\d{4}  \d\dh\d\dm\d\ds$", line) for line in epoch), epoch[:3]
-    assert len(done) == 5 and all(" elapsed" in line for line in done), done
+    assert len(done) == 8 and all(" elapsed" in line for line in done), done
     assert all(re.search(r", ~\d\dh\d\dm\d\ds left$", line) for line in done[:-1]), done
     best = max(float(re.search(r"accuracy (\d\.\d+)", line).group(1)) for line in epoch)
     assert f"best {best:.4f}" in epoch[-1] or f"best {best:.4f}" in done[-1]
@@ -140,7 +121,7 @@ def test_report_renders_offline_in_chromium(searched, tmp_path):
 @pytest.mark.slow
 def test_study_on_disk_holds_every_ray_trial(searched):
     folder, _ = searched
-    study = optuna.load_study(study_name="rep", storage=f"sqlite:///{folder / 'study.db'}")
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{folder / 'study.db'}")
     trials = load_trials(folder).set_index("trial_id")
     by_ray = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
     assert sorted(by_ray) == sorted(trials.index) and len(study.trials) == len(trials)
@@ -157,7 +138,7 @@ def test_mlflow_has_a_run_per_trial_matching_history(searched):
 
     folder, _ = searched
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("rep")
+    experiment = client.get_experiment_by_name("e2e")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     history = load_history(folder)
     trials = load_trials(folder)
@@ -191,7 +172,7 @@ def test_dashboard_answers_on_localhost_then_stops(searched):
             except OSError:
                 time.sleep(0.5)
         assert body is not None, f"no answer on 127.0.0.1:{port}; exit {proc.poll()}"
-        assert '"rep"' in body, body[:500]
+        assert '"e2e"' in body, body[:500]
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)

@@ -7,33 +7,12 @@ import optuna
 import pytest
 import yaml
 
-from tests.conftest import cli, tiny, write_space
+from tests.conftest import ALL_FIVE, cli, tiny, write_space
 from tune_sota import load_confirm, load_history, load_trials
 from tune_sota.config import SPACES_DIR, load_space, parse_space
 from tune_sota.searcher import RAY_ID, study_url
 
 pytestmark = pytest.mark.slow
-
-ALL_FIVE = {
-    "lr": {"loguniform": [1.0e-5, 5.0e-2]},  # wide, so that ASHA has clearly weak trials to stop
-    "epochs": {"randint": [2, 4]},
-    "mixup": {"choice": [0.0, 0.4]},
-    "label_smoothing": {"uniform": [0.0, 0.2]},
-    "resize": {"choice": ["16", "8>16"]},
-}
-
-
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory, image_folder):
-    """One real search through the CLI, shared by the tests that read its outputs."""
-    tmp = tmp_path_factory.mktemp("search")
-    space = write_space(tmp / "e2e.yaml", {**tiny(image_folder), **ALL_FIVE},
-                        {"num_samples": 8, "max_concurrent": 2, "grace": 0.25, "reduction_factor": 4,
-                         "startup_trials": 3, "cpus_per_trial": 1, "holdout": 0.2, "confirm_top": 1,
-                         "confirm_seeds": 2})
-    run = cli("search", "--space", space, "--results", tmp / "results")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return tmp / "results" / "e2e", run
 
 
 def test_search_writes_results_and_summary(searched):
@@ -44,7 +23,15 @@ def test_search_writes_results_and_summary(searched):
     assert "stopped early by ASHA" in run.stdout and "judged on a 20% holdout of train/" in run.stdout
     assert "confirmed on val/ over 2 seed(s)" in run.stdout and "with TTA" in run.stdout
     assert "baseline (chapter 7's plain recipe" in run.stdout and "gain: " in run.stdout
-    assert "Traceback" not in run.stdout + run.stderr
+
+
+def test_a_successful_search_prints_only_its_own_lines(searched):
+    """No traceback, no Ray notices (token authentication, snapshot frequency), no colour codes in a file."""
+    _, run = searched
+    said = run.stdout + run.stderr
+    for noise in ("Traceback", "Token authentication", "snapshotting", "\x1b[", "WARNING", "(trial pid="):
+        assert noise not in said, noise
+    assert run.stderr.strip() == "", run.stderr[-2000:]
 
 
 def test_trial_table(searched):
