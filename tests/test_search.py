@@ -85,6 +85,10 @@ def test_optuna_learns_asha_stops_as_pruned(searched):
         else:
             assert t.state.name == "COMPLETE" and t.value == pytest.approx(row.accuracy)
     assert any(t.state.name == "PRUNED" for t in study.trials)
+    confirmed = study.user_attrs["confirmed"]  # the answer is in the study too
+    winner = trials[trials.status == "completed"].index[0]
+    assert confirmed["winner"]["trial_id"] == winner and "gain_points" in confirmed
+    assert study.trials[confirmed["winner_number"]].user_attrs[RAY_ID] == winner
 
 
 def test_trials_are_judged_on_a_holdout_and_the_winner_confirmed_on_val(searched):

@@ -67,3 +67,6 @@ def test_restored_searcher_carries_on_with_the_same_study(searcher, tmp_path):
     assert states == {"a": (0, TrialState.COMPLETE), "b": (1, TrialState.COMPLETE), "orphan": (2, TrialState.FAIL),
                       "c": (3, TrialState.RUNNING)}
     assert study.trials[1].intermediate_values == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4})
+    again.record_answer({"winner": {"trial_id": "b", "accuracy_mean": 0.9}, "gain_points": 2.5})
+    confirmed = optuna.load_study(study_name="s", storage=study_url(tmp_path)).user_attrs["confirmed"]
+    assert confirmed["winner_number"] == 1 and confirmed["gain_points"] == 2.5

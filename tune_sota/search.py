@@ -177,6 +177,8 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
         ray.shutdown()
 
     answer = confirm.answer(confirmed) if len(confirmed) else None
+    if answer:
+        _tell_study(space, name, results_dir, answer)
     trials = _with_confirmed(trials, confirmed)
     write_atomic(results_dir / "trials.csv", trials.to_csv(index=False))
     write_atomic(results_dir / "history.csv", history.to_csv(index=False))
@@ -289,6 +291,14 @@ def _close_study(space: Space, name: str, results_dir: Path, ray_ids: set[str]) 
     study = make_searcher(space, name, results_dir)
     if isinstance(study, searcher.StudySearcher) and study.abandon_unknown(ray_ids):
         log.info("study: trials of a killed driver that Ray never recorded are marked failed")
+
+
+def _tell_study(space: Space, name: str, results_dir: Path, answer: dict) -> None:
+    """Put the confirmed answer in the study too (a study attribute: Optuna's finished trials are read-only),
+    so that whoever opens study.db sees which trial won on val/ and by how much."""
+    study = make_searcher(space, name, results_dir)
+    if isinstance(study, searcher.StudySearcher):
+        study.record_answer(plain(answer, nan=None))
 
 
 def _with_confirmed(trials: pd.DataFrame, confirmed: pd.DataFrame) -> pd.DataFrame:

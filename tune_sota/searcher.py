@@ -152,6 +152,13 @@ class StudySearcher(Searcher):
                 n += 1
         return n
 
+    def record_answer(self, answer: dict) -> None:
+        """Store the confirmation's answer (winner's Ray id and study number, confirmed means, baseline, gain)
+        as the study's user attribute `confirmed`."""
+        winner = answer["winner"]["trial_id"]
+        self.study  # noqa: B018  (loads the Ray id map)
+        self.study.set_user_attr("confirmed", {**answer, "winner_number": self._numbers.get(winner)})
+
     def save(self, checkpoint_path: str) -> None:
         """The study is on disk already; Ray's checkpoint only records where."""
         Path(checkpoint_path).write_text(f"{self.storage}\n{self.study_name}\n")
