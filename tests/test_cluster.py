@@ -159,11 +159,12 @@ def test_two_node_cluster_as_users_start_it(nodes, ray_tmp, tmp_path):
                        "--dashboard-port", free_port(), "--temp-dir", ray_tmp / "ray")
     nodes.start(node_env, "--address", head)
 
-    # Trials of a few seconds (as in test_faults' multi-node test), all proposed at once (a fixed config
-    # run 4 times): two that start together cannot both run on the head's one CPU.
+    # All four trials are proposed at once (a fixed config run 4 times), and each (about 10 s) outlasts
+    # the skew between two trial processes importing torch and fastai side by side: otherwise the
+    # head's process, reused, may take every trial while the worker node's is still starting.
     data = make_image_folder(tmp_path / "data", per_class=(80, 10), px=32)
-    space = write_space(tmp_path / "two.yaml", tiny(data, epochs=3),
-                        {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1})
+    space = write_space(tmp_path / "two.yaml", tiny(data, size=32, presize=32, epochs=12),
+                        {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "confirm_top": 0})
     shared = tmp_path / "shared"
     # The driver exports nothing: it finds the token and turns token authentication on itself.
     run = run_cli(env, "search", "--space", space, "--address", head, "--storage", shared,
