@@ -272,9 +272,9 @@ def test_checkpoints_load_tensors_only(image_folder):
 def test_ray_dashboard_stays_off():
     import ray
 
-    from tune_sota.search import _connect
+    from tune_sota.cluster import connect
 
-    context = _connect(None, SearchSettings())
+    context = connect(None, SearchSettings())
     try:
         assert not context.dashboard_url
     finally:

@@ -83,8 +83,11 @@ def test_multi_node_search_writes_everything_to_shared_storage(cluster, tmp_path
     assert yaml.safe_load((tmp_path / "results" / "multi" / "run.yaml").read_text())["experiment"] == str(experiment)
     for trial_id in trials.trial_id:
         assert (experiment / f"trial_{trial_id}" / "result.json").is_file()
-        assert list((experiment / f"trial_{trial_id}").glob("checkpoint_*/state.pt")), "checkpoints in storage"
-    assert (tmp_path / "results" / "multi" / "best.yaml").is_file()
+    best = yaml.safe_load((tmp_path / "results" / "multi" / "best.yaml").read_text())["result"]
+    winner = experiment / f"trial_{best['trial_id']}"
+    assert list(winner.glob("checkpoint_*/state.pt")), "the winner's checkpoints are in the shared storage"
+    runs = list((experiment / "confirm").glob("run_*/checkpoint_*/state.pt"))
+    assert len(runs) == 2, "the confirmation (winner and baseline, one seed) ran with its checkpoints in storage"
 
 
 def test_lost_node_trials_resume_from_their_checkpoints(cluster, tmp_path, slower_folder):

@@ -90,10 +90,6 @@ class Outcome:
     disk_bytes: int | None = None  # what the search keeps on disk once its checkpoints are pruned
 
 
-# Kept for callers of the old name; the code lives in tune_sota.cluster.
-_connect = cluster.connect
-
-
 def _locate(space: Space, name: str | None, results_root: Path, storage: str | None, resume: bool):
     """Where this search lives: (space, name, the name it replaced, results folder, Ray storage).
 
