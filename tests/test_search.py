@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.conftest import ALL_FIVE, cli, tiny, write_space
-from tune_sota import load_confirm, load_history, load_trials
+from tune_sota import load_confirm, load_history, load_model, load_trials, recipe
 from tune_sota.config import SPACES_DIR, load_space, parse_space
 from tune_sota.searcher import RAY_ID, study_url
 
@@ -131,6 +131,10 @@ def test_best_config_exports_and_retrains(searched):
     assert result["versions"]["ray"]
     cfg = parse_space(best).fixed()  # a config is a space with nothing left to sample
     assert cfg.lr == pytest.approx(top.lr) and cfg.resize == top.resize and cfg.holdout == 0.0
+    # the winner retrained on all of train/ loads as a model and scores on val/ what its confirmation run did
+    learn = load_model(result["confirmed_checkpoint"], cpus=1)
+    first = mine.iloc[0]
+    assert recipe.score(learn, tta=False)["accuracy"] == pytest.approx(first.accuracy, abs=1e-6)
     run = cli("train", "--config", folder / "best.yaml")
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"epoch {cfg.epochs}/{cfg.epochs}" in run.stdout and "with TTA" in run.stdout

@@ -282,18 +282,25 @@ def run_config(space: Space, name: str, storage: str, out, trackers=()) -> tune.
     )
 
 
+def _study(space: Space, name: str, results_dir: Path) -> searcher.StudySearcher | None:
+    """The search's study on disk, through its searcher (None when nothing is searched or the searcher is
+    Ray's own, which keeps no study)."""
+    searcher_ = make_searcher(space, name, results_dir)
+    return searcher_ if isinstance(searcher_, searcher.StudySearcher) else None
+
+
 def _close_study(space: Space, name: str, results_dir: Path, ray_ids: set[str]) -> None:
     """Fail study trials that Ray never recorded (a driver killed between the two saves)."""
-    study = make_searcher(space, name, results_dir)
-    if isinstance(study, searcher.StudySearcher) and study.abandon_unknown(ray_ids):
+    study = _study(space, name, results_dir)
+    if study is not None and study.abandon_unknown(ray_ids):
         log.info("study: trials of a killed driver that Ray never recorded are marked failed")
 
 
 def _tell_study(space: Space, name: str, results_dir: Path, answer: dict) -> None:
     """Put the confirmed answer in the study too (a study attribute: Optuna's finished trials are read-only),
     so that whoever opens study.db sees which trial won on val/ and by how much."""
-    study = make_searcher(space, name, results_dir)
-    if isinstance(study, searcher.StudySearcher):
+    study = _study(space, name, results_dir)
+    if study is not None:
         study.record_answer(plain(answer, nan=None))
 
 
@@ -329,13 +336,15 @@ def _result_block(space: Space, row: dict, answer: dict | None, trials: pd.DataF
     if answer:
         w, b = answer["winner"], answer["baseline"]
         block.update(accuracy=w["accuracy_mean"], tta_accuracy=w["tta_mean"],
-                     winner={k: v for k, v in w.items() if k != "trial_id"}, baseline=b,
+                     winner={k: v for k, v in w.items() if k not in ("trial_id", "checkpoint")}, baseline=b,
                      gain_points=answer.get("gain_points"), gain_tta_points=answer.get("gain_tta_points"))
     else:
         block.update(accuracy=row["accuracy"], tta_accuracy=None, note="not confirmed (confirm_top 0)")
     block.update(cost={"search_trial_s": float(trials.time_s.sum()),
                        "confirm_trial_s": answer["confirm_s"] if answer else 0.0, "wall_s": wall_s},
                  command=command, checkpoint=row.get("path", ""), versions=versions())
+    if answer:  # the winner retrained on all of train/ (its first seed): the model to load and use
+        block["confirmed_checkpoint"] = answer["winner"]["checkpoint"]
     return plain(block, nan=None)
 
 
