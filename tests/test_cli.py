@@ -57,8 +57,7 @@ BAD_SPACES = {
     "retired_grace_period": ("epochs: 3\nsearch: {grace_period: 5}\n", ["grace_period (epochs) is now search.grace"]),
     "grace_leaves_no_rung": ("search: {grace: 0.6, reduction_factor: 2}\n", ["grace 0.6 leaves ASHA no rung",
                                                                             "use grace <= 0.5"]),
-    "confirm_more_than_trials": ("search: {num_samples: 2, confirm_top: 3}\n", ["confirm_top 3", "at most 2"]),
-    "old_score_top_is_confirm_top": ("search: {num_samples: 2, score_top: 3}\n", ["confirm_top 3", "at most 2"]),
+    "old_score_top_is_confirm_top": ("search: {score_top: -1}\n", ["search.confirm_top: -1 is not allowed"]),
     "unknown_scheduler": ("search: {scheduler: hyperband}\n", ["scheduler: 'hyperband'", "one of asha, fifo"]),
     "not_a_mapping": ("- lr\n- epochs\n", ["a space is a mapping"]),
 }

@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from tune_sota.config import ConfigError, SearchSettings, UserError, _check_value
+from tune_sota.config import ConfigError, SearchSettings, UserError, check_value
 
 EPILOG = """examples:
   tune-sota search                              # the offline default: space 'quick' on local Ray
@@ -128,7 +128,7 @@ def _override(space, args):
     fields = {f.name: f for f in dataclasses.fields(SearchSettings)}
     for k, v in changes.items():
         try:
-            _check_value(fields[k], float(v) if fields[k].type == "float" else v, "")
+            check_value(fields[k], float(v) if fields[k].type == "float" else v, "")
         except ConfigError as e:
             raise UserError(f"{FLAGS[k]} {str(e).split(': ', 1)[1]}") from None
     space.search = dataclasses.replace(space.search, **changes)

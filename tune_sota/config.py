@@ -128,7 +128,7 @@ class Config:
 
     def __post_init__(self):
         for f in fields(self):
-            _check_value(f, getattr(self, f.name), "")
+            check_value(f, getattr(self, f.name), "")
         stages = parse_schedule(self.resize) if self.resize else []
         if stages and stages[-1][0] != self.size:
             raise ConfigError(
@@ -178,7 +178,8 @@ class SearchSettings:
                           _one_of("holdout", "val"))
     holdout: float = _opt(0.1, "share of train/ held out for selection when select_on is 'holdout'",
                           _between(0.01, 0.5))
-    confirm_top: int = _opt(2, "best trials retrained on all of train/ and scored on val/, plainly and with TTA",
+    confirm_top: int = _opt(2, "best completed trials (at most) retrained on all of train/ and scored on val/, "
+                            "plainly and with TTA; 0 = none",
                             _between(0, 100))
     confirm_seeds: int = _opt(3, "seeds per confirmed config (and per baseline); the result is their mean +- std",
                               _between(1, 100))
@@ -255,8 +256,8 @@ def _type_name(t) -> str:
             "int | str": "an integer or a string"}[t]
 
 
-def _check_value(f: dataclasses.Field, v, where: str):
-    """Raise ConfigError if `v` is not a valid value of field `f`."""
+def check_value(f: dataclasses.Field, v, where: str):
+    """Raise ConfigError if `v` is not a valid value of field `f` (`where` prefixes the message)."""
     t = f.type if isinstance(f.type, str) else f.type.__name__
     ok = {
         "int": isinstance(v, int) and not isinstance(v, bool),
@@ -289,7 +290,7 @@ def _parse_dist(f: dataclasses.Field, raw: dict, where: str) -> Dist:
         for v in args:
             if isinstance(v, (dict, list)):
                 raise ConfigError(f"{where}{f.name}: choice options must be plain values, got {v!r}")
-            _check_value(f, v, where)
+            check_value(f, v, where)
         if len(set(map(repr, args))) != len(args):
             raise ConfigError(f"{where}{f.name}: choice lists an option twice: {args!r}")
         return Dist(kind, tuple(args))
@@ -298,7 +299,7 @@ def _parse_dist(f: dataclasses.Field, raw: dict, where: str) -> Dist:
         raise ConfigError(f"{where}{f.name}: {kind} does not fit {_type_name(t)}; use {hint}")
     lo, hi = args
     for v in args:
-        _check_value(f, v, where)
+        check_value(f, v, where)
     if not lo < hi:
         raise ConfigError(f"{where}{f.name}: {kind} range [{lo}, {hi}] is empty; low must be below high")
     if kind == "loguniform" and lo <= 0:
@@ -320,7 +321,7 @@ def _parse_section(cls, raw, where: str, dists: bool) -> dict[str, Any]:
         else:
             if isinstance(v, int) and not isinstance(v, bool) and f.type in ("float", float):
                 v = float(v)
-            _check_value(f, v, where)
+            check_value(f, v, where)
             out[key] = v
     return out
 

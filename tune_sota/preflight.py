@@ -82,9 +82,6 @@ def check_search(space: Space) -> None:
         raise UserError(f"{space.source}: search.grace {s.grace:g} leaves ASHA no rung with reduction_factor "
                         f"{s.reduction_factor} (rungs sit at 1/rf, 1/rf^2... of a schedule); use grace <= "
                         f"{1 / s.reduction_factor:.3g}, or scheduler: fifo for no early stopping")
-    if s.confirm_top > s.num_samples:
-        raise UserError(f"{space.source}: search.confirm_top {s.confirm_top} is more than num_samples "
-                        f"{s.num_samples}; use at most {s.num_samples}")
 
 
 def check_gpus(gpus_per_trial: float, address: str | None) -> None:

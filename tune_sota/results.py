@@ -165,7 +165,7 @@ EDGE = 0.05  # a winner within this share of its range's end (log scale for logu
 def edge_notes(space, best: Config) -> list[str]:
     """One line per searched value of `best` at the edge of its range, with a wider range to try.
     `space`: the search's `Space` (its `space.yaml`). A bound the schema forbids is no edge."""
-    from tune_sota.config import ConfigError, Dist, _check_value
+    from tune_sota.config import ConfigError, Dist, check_value
 
     notes = []
     fields = {f.name: f for f in dataclasses.fields(Config)}
@@ -183,7 +183,7 @@ def edge_notes(space, best: Config) -> list[str]:
         wider = (lo, hi * 2 if log else hi + step) if at_top else (lo / 2 if log else lo - step, hi)
         try:
             for bound in wider:
-                _check_value(fields[key], bound, "")
+                check_value(fields[key], bound, "")
         except ConfigError:
             continue  # e.g. label_smoothing at 0: nothing lies below
         shown = ", ".join(f"{b:.3g}" if isinstance(b, float) else str(b) for b in wider)
