@@ -149,7 +149,8 @@ def _search(args) -> int:
     name = args.resume if isinstance(args.resume, str) else args.name
     if args.resume and isinstance(args.resume, str) and args.name and args.name != args.resume:
         raise UserError(f"--resume {args.resume} --name {args.name}: name the search once, e.g. --resume {args.resume}")
-    changed = [flag for k, flag in FLAGS.items() if getattr(args, k) is not None] + (["--set"] if args.set else [])
+    changed = [flag for k, flag in FLAGS.items() if getattr(args, k) is not None] + \
+        [flag for flag, given in (("--set", args.set), ("--log", args.log), ("--storage", args.storage)) if given]
     if args.resume and changed:  # Ray restores a search with the settings it started with
         raise UserError(f"--resume continues a search as it was started; drop {', '.join(changed)} "
                         f"(or start a new search without --resume)")

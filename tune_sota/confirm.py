@@ -95,7 +95,7 @@ def answer(confirm: pd.DataFrame) -> dict | None:
     means = cands.groupby("trial_id").accuracy.mean()
     best = means.idxmax()
     runs = confirm[confirm.trial_id == best]
-    winner = {"trial_id": best, **_stats(runs), "checkpoint": runs.path.iloc[0]}
+    winner = {"trial_id": best, **_stats(runs), "checkpoint": runs[runs.error.fillna("") == ""].path.iloc[0]}
     base_runs = confirm[(confirm.role == BASELINE) & (confirm.epochs == winner["epochs"])]
     out = {"winner": winner, "baseline": _stats(base_runs) if len(base_runs) else None}
     if out["baseline"] is not None:

@@ -74,11 +74,12 @@ def _newest_checkpoint(trial_dir: Path) -> Path | None:
 def locate(path) -> tuple[Path, Config]:
     """(the state.pt file, the Config that rebuilds its Learner) for anything `load_model` accepts."""
     p = Path(path).expanduser()
-    if p.is_file() and p.suffix in (".yaml", ".yml"):  # best.yaml: its checkpoint
+    if p.is_file() and p.suffix in (".yaml", ".yml"):  # best.yaml: the confirmed model, else the winning trial
         result = (yaml.safe_load(p.read_text()) or {}).get("result") or {}
-        if not result.get("checkpoint"):
+        checkpoint = result.get("confirmed_checkpoint") or result.get("checkpoint")
+        if not checkpoint:
             raise UserError(f"{p} names no checkpoint; train it into a model: tune-sota train --config {p} --out DIR")
-        return locate(result["checkpoint"])
+        return locate(checkpoint)
     if not p.is_dir():
         raise UserError(f"{p} does not exist; give a `tune-sota train --out` folder, a trial folder or checkpoint "
                         f"of a search, or a best.yaml")

@@ -105,7 +105,7 @@ def load(results_dir) -> Search:
     s = Search(p, run.get("name") or p.name, run, space, best.get("result") or {},
                {k: v for k, v in best.items() if k != "result"}, trials, history, searched)
     if (p / "confirm.csv").is_file():
-        s.confirm = pd.read_csv(p / "confirm.csv", dtype={"trial_id": str, "role": str})
+        s.confirm = results.load_confirm(p)
     try:
         s.study = open_study(p, s.name)
     except Exception as e:  # a database that is gone or locked must not cost the rest of the report

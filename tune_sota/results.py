@@ -53,6 +53,11 @@ HISTORY_COLUMNS = ["trial_id", *(f.name for f in dataclasses.fields(EpochReport)
                    "node", "start_epoch"]
 
 
+def trial_id_of(result) -> str:
+    """A Ray result's trial id (from its folder for a trial that never reported)."""
+    return (result.metrics or {}).get("trial_id") or Path(str(result.path)).name.removeprefix("trial_")
+
+
 def status_of(metrics: dict, ray_error, finished: bool) -> str:
     """A trial's status from its last metrics, Ray's error, and whether the search ran to its end."""
     if ray_error is not None or metrics.get("error"):
@@ -72,7 +77,7 @@ def tables(grid, searched: list[str], *, finished: bool, open_ids=(), open_statu
     for result in grid:
         m = result.metrics or {}
         config = result.config or {}
-        trial_id = m.get("trial_id") or Path(str(result.path)).name.removeprefix("trial_")  # never reported
+        trial_id = trial_id_of(result)
         frame = result.metrics_dataframe
         if frame is not None and len(frame):
             frame = frame[frame.get("error", pd.Series("", index=frame.index)).fillna("") == ""]
@@ -94,7 +99,6 @@ def tables(grid, searched: list[str], *, finished: bool, open_ids=(), open_statu
             "valid_loss": m.get("valid_loss", math.nan),
             "train_loss": m.get("train_loss", math.nan),
             "time_s": round(float(m.get("time_total_s", math.nan)), 1),
-            "tta_accuracy": math.nan,
             "error": error,
             "node": m.get("node", ""),
             "path": str(result.path),

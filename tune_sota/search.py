@@ -132,7 +132,9 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
     cluster.connect(address, s)  # before anything is written: a cluster without the asked GPUs is an error
     stop = runstate.catch(out)  # Ctrl-C and SIGTERM stop the search cleanly from here (runstate.py)
     try:
-        if not resume:  # claim the name: from here on this folder is this search's
+        if resume:  # running again: a driver killed from here leaves unfinished trials, not interrupted ones
+            runstate.mark(results_dir, runstate.RUNNING)
+        else:  # claim the name: from here on this folder is this search's
             results_dir.mkdir(parents=True)
             write_atomic(results_dir / "space.yaml", space_to_yaml(space.values, space.search, space.baseline))
             write_atomic(results_dir / "run.yaml", yaml.safe_dump({
@@ -155,8 +157,7 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
         stop.check()  # after every phase: nothing later runs once Ctrl-C or SIGTERM came
         trials, history = results.tables(grid, searched, finished=True)
         _close_study(space, name, results_dir, set(trials.trial_id))
-        configs = {str(r.metrics.get("trial_id") or Path(str(r.path)).name): Config(**r.config) for r in grid
-                   if r.config}
+        configs = _configs(grid, trials)
         runs = confirm.plan(space, trials, configs)
         confirmed = pd.DataFrame(columns=confirm.COLUMNS)
         if runs:
@@ -316,6 +317,13 @@ def _with_confirmed(trials: pd.DataFrame, confirmed: pd.DataFrame) -> pd.DataFra
     return trials
 
 
+def _configs(grid, trials: pd.DataFrame) -> dict[str, Config]:
+    """The resolved config of every completed trial (what confirmation and export use), by trial id; a
+    failed trial may hold a config that never validated (a sampled size against a fixed schedule)."""
+    done = set(trials[trials.status == results.COMPLETED].trial_id)
+    return {results.trial_id_of(r): Config(**r.config) for r in grid if results.trial_id_of(r) in done}
+
+
 def _winner(space: Space, trials: pd.DataFrame, configs: dict[str, Config], answer: dict | None):
     """(config, trial row) of the best confirmed mean, or of the best completed trial when nothing was
     confirmed; (None, {}) when no trial trained all its epochs."""
@@ -339,7 +347,8 @@ def _result_block(space: Space, row: dict, answer: dict | None, trials: pd.DataF
                      winner={k: v for k, v in w.items() if k not in ("trial_id", "checkpoint")}, baseline=b,
                      gain_points=answer.get("gain_points"), gain_tta_points=answer.get("gain_tta_points"))
     else:
-        block.update(accuracy=row["accuracy"], tta_accuracy=None, note="not confirmed (confirm_top 0)")
+        why = "confirm_top 0" if not s.confirm_top else "every confirmation run failed: see confirm.csv"
+        block.update(accuracy=row["accuracy"], tta_accuracy=None, note=f"not confirmed ({why})")
     block.update(cost={"search_trial_s": float(trials.time_s.sum()),
                        "confirm_trial_s": answer["confirm_s"] if answer else 0.0, "wall_s": wall_s},
                  command=command, checkpoint=row.get("path", ""), versions=versions())

@@ -1,5 +1,5 @@
 """The Ray Tune side of training: thin function trainables around `recipe.train` for search trials and
-confirmation runs (whose last report adds the TTA accuracy), and the scoring of a trial's checkpoint.
+confirmation runs (whose last report adds the TTA accuracy).
 
 It lives in the package (not a script) so that Ray workers import it, and with it the fastai
 modules whose import patches `Learner` (fit_one_cycle, tta, to_bf16).
@@ -105,10 +105,3 @@ def _report_with_checkpoint(metrics: dict, learn, epochs_done: int) -> None:
         (Path(d) / STATE_FILE).write_bytes(recipe.save_state(learn, epochs_done))
         (Path(d) / METRICS_FILE).write_text(json.dumps(metrics))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
-
-
-def score(config: dict, checkpoint: tune.Checkpoint, cpus: float | None = None) -> dict[str, float]:
-    """Plain and TTA accuracy of a trial's checkpoint, in this process."""
-    with checkpoint.as_directory() as d:
-        blob = (Path(d) / STATE_FILE).read_bytes()
-    return recipe.evaluate(Config(**config), blob, cpus=cpus)
