@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from tune_sota.config import ConfigError, SearchSettings, UserError, check_value
+from tune_sota.config import SearchSettings, UserError, problem
 
 EPILOG = """examples:
   tune-sota search                              # the offline default: space 'quick' on local Ray
@@ -127,10 +127,9 @@ def _override(space, args):
     changes = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
     fields = {f.name: f for f in dataclasses.fields(SearchSettings)}
     for k, v in changes.items():
-        try:
-            check_value(fields[k], float(v) if fields[k].type == "float" else v, "")
-        except ConfigError as e:
-            raise UserError(f"{FLAGS[k]} {str(e).split(': ', 1)[1]}") from None
+        why = problem(fields[k], float(v) if fields[k].type == "float" else v)
+        if why:  # said as the flag the user typed, not as the schema's key
+            raise UserError(f"{FLAGS[k]} {why}")
     space.search = dataclasses.replace(space.search, **changes)
     return space
 

@@ -256,8 +256,8 @@ def _type_name(t) -> str:
             "int | str": "an integer or a string"}[t]
 
 
-def check_value(f: dataclasses.Field, v, where: str):
-    """Raise ConfigError if `v` is not a valid value of field `f` (`where` prefixes the message)."""
+def problem(f: dataclasses.Field, v) -> str | None:
+    """What is wrong with `v` as a value of field `f` ("0 is not allowed; must be ..."), or None."""
     t = f.type if isinstance(f.type, str) else f.type.__name__
     ok = {
         "int": isinstance(v, int) and not isinstance(v, bool),
@@ -267,11 +267,17 @@ def check_value(f: dataclasses.Field, v, where: str):
         "int | str": isinstance(v, (int, str)) and not isinstance(v, bool),
     }[t]
     if not ok:
-        raise ConfigError(f"{where}{f.name}: {v!r} is not {_type_name(t)}")
+        return f"{v!r} is not {_type_name(t)}"
     check = f.metadata.get("check")
-    problem = check(v) if check else None
-    if problem:
-        raise ConfigError(f"{where}{f.name}: {v!r} is not allowed; must be {problem}")
+    wrong = check(v) if check else None
+    return f"{v!r} is not allowed; must be {wrong}" if wrong else None
+
+
+def check_value(f: dataclasses.Field, v, where: str):
+    """Raise ConfigError if `v` is not a valid value of field `f` (`where` prefixes the message)."""
+    why = problem(f, v)
+    if why:
+        raise ConfigError(f"{where}{f.name}: {why}")
 
 
 def _parse_dist(f: dataclasses.Field, raw: dict, where: str) -> Dist:
