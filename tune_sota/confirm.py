@@ -75,8 +75,9 @@ def table(grid) -> pd.DataFrame:
                      "time_s": round(float(m.get("time_total_s", math.nan)), 1), "error": error,
                      "path": str(r.checkpoint.path) if r.checkpoint else ""})
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    return frame.sort_values(["rank", "seed"], key=lambda c: c.replace(0, 10**6) if c.name == "rank" else c,
-                             kind="stable").reset_index(drop=True)
+    order = frame.assign(baseline_last=frame.role == BASELINE).sort_values(["baseline_last", "rank", "seed"],
+                                                                           kind="stable")
+    return order.drop(columns="baseline_last").reset_index(drop=True)
 
 
 def _stats(runs: pd.DataFrame) -> dict:
