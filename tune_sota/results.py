@@ -81,6 +81,9 @@ def tables(grid, searched: list[str], *, finished: bool, open_ids=(), open_statu
         frame = result.metrics_dataframe
         if frame is not None and len(frame):
             frame = frame[frame.get("error", pd.Series("", index=frame.index)).fillna("") == ""]
+            # One row per epoch: a trial restored after its driver died repeats its last report (or re-runs
+            # the epoch after a checkpoint Ray had not yet saved); the latest row is the one that stands.
+            frame = frame.drop_duplicates("epoch", keep="last")
             h = frame.reindex(columns=HISTORY_COLUMNS[1:]).assign(trial_id=trial_id)[HISTORY_COLUMNS]
             history.append(h)
         best = float(frame["accuracy"].max()) if frame is not None and len(frame) else math.nan
