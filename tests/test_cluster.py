@@ -201,6 +201,15 @@ def test_two_node_cluster_as_users_start_it(nodes, ray_tmp, tmp_path):
                               "`ray get-auth-token` on the head", "~/.ray/auth_token")
         assert time.time() - t0 < 60 and not (tmp_path / "refused").exists()
 
+    # A program that imported Ray before tune_sota: Ray has read its auth mode, so the fix is to export it.
+    code = (f"import ray\nfrom tune_sota import cluster\ntry:\n    cluster.connect({head!r})\n"
+            f"    print('JOINED', len(ray.nodes()))\nexcept Exception as e:\n    print('ERROR', e)")
+    imported_first = "ERROR --address {}: the cluster uses token authentication and Ray was imported before tune_sota"
+    for user, expected in ((env, imported_first.format(head)), (node_env, "JOINED 2")):
+        run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=user, capture_output=True, text=True,
+                             timeout=120)
+        assert expected in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+
     # Ray on the driver and on the cluster must match: pretend the cluster was started by another Ray.
     relabel = (f"import json, ray._raylet as r; c = r.GcsClient(address={head!r}); k, ns = b'CLUSTER_METADATA', "
                f"b'cluster'; m = json.loads(c.internal_kv_get(k, ns)); m['ray_version'] = '2.59.0'; "

@@ -138,6 +138,9 @@ def _search(args) -> int:
     from tune_sota.config import load_space
 
     space = _override(load_space(args.space, args.set), args)
+    from tune_sota import cluster
+
+    cluster.prepare(args.address)  # the cluster's token question is settled before Ray is imported
     from tune_sota import search  # imports Ray: after the checks that need nothing of it
     from tune_sota.progress import parse_log
 
@@ -317,7 +320,7 @@ def _cluster_check(args) -> int:
     from tune_sota.config import load_space
 
     space = load_space(args.space) if args.space else None
-    from tune_sota import cluster  # imports Ray: after the checks that need nothing of it
+    from tune_sota import cluster
 
     reports = cluster.cluster_check(args.address, storage=args.storage, space=space)
     print(f"tune-sota: cluster at {args.address}: {len(reports)} nodes, {sum(r.cpus for r in reports):g} CPUs, "

@@ -2,17 +2,18 @@
 `ray start` made (with its token authentication), a cluster that cannot be joined is one line naming
 the real cause, and `cluster_check` reports what a long search needs from every node.
 
-Light imports at module level (no Ray): preflight calls `check_address` before Ray is imported.
+Light imports at module level (no Ray): the CLI calls `prepare` before Ray is imported, since Ray reads
+its token-authentication mode once, at import.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import platform
 import re
 import socket
+import subprocess
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -88,23 +89,13 @@ def token_source() -> str | None:
     return None
 
 
-def _turn_token_auth_on() -> None:
-    """Token authentication on for this process, as `RAY_AUTH_MODE=token` would have it."""
-    os.environ["RAY_AUTH_MODE"] = "token"
-    try:  # Ray caches its settings when it is imported: read them again, as Ray does when it turns auth on
-        from ray._raylet import Config
-
-        Config.initialize("")
-    except (ImportError, AttributeError):  # a Ray without token authentication: nothing to turn on
-        pass
-
-
-def token_error(named: str, source: str | None) -> UserError:
-    """The one line for a cluster that refused this driver: what is missing and the exact fix."""
+def token_error(named: str, source: str | None, tried: bool = False) -> UserError:
+    """The one line for a cluster that refused this driver: what is missing and the exact fix.
+    `tried`: the token in `source` was offered and refused."""
     mode = os.environ.get("RAY_AUTH_MODE", "")
     copy = ("copy the head's token (`ray get-auth-token` on the head prints it) into ~/.ray/auth_token on this "
             "machine, or point RAY_AUTH_TOKEN_PATH at a file holding it, or set RAY_AUTH_TOKEN")
-    if source and mode.lower() != "token":
+    if source and mode.lower() != "token" and not tried:
         return UserError(f"{named}: the cluster uses token authentication but RAY_AUTH_MODE={mode or '(unset)'} "
                          f"here; set RAY_AUTH_MODE=token (the token in {source} is then used); see {DOCS}")
     if source:
@@ -138,56 +129,58 @@ def version_error(named: str, message: str) -> UserError | None:
                      f"`pip install ray=={ray_v[0]}` here (and Python {py_v[0]}), or run tune-sota on the head node")
 
 
-def _refused(resolved: str) -> bool:
-    """Whether the cluster's GCS refuses this process for its token (or the lack of one), asked once.
+def _refused(resolved: str, mode: str) -> bool:
+    """Whether the cluster's GCS refuses a client in auth `mode` ("disabled", or "token" with this
+    machine's token), asked once through Ray's public `ray health-check` in a child process.
 
-    `ray.init` retries a refused token for about 20 seconds and then says only "Failed to connect";
-    one request with the client `ray.init` itself uses answers at once. Anything else wrong is left
-    to `ray.init`, whose errors are mapped too.
+    A child process, because Ray reads RAY_AUTH_MODE once, when it is imported: the mode is chosen
+    before this process imports Ray. `ray.init` would retry a refused token for about 20 seconds and
+    then say only "Failed to connect"; the health check answers in about a second. Anything but a
+    refusal (a check that cannot run, a version mismatch) is left to `ray.init`, whose errors are
+    mapped too.
     """
+    env = {**os.environ, "RAY_AUTH_MODE": mode}
     try:
-        from ray._raylet import GcsClient
-    except ImportError:
+        run = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "health-check", "--address", resolved],
+                             env=env, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
         return False
-    try:
-        with _quiet_stderr():  # Ray's C++ client logs the refusal itself: our one line says it
-            GcsClient(address=resolved)
-    except Exception as e:  # noqa: BLE001 (only a refused token is ours to name here)
-        return _is_auth_error(e)
-    return False
+    return run.returncode != 0 and ("InvalidAuthToken" in run.stderr or "AuthenticationError" in run.stderr)
 
 
-def join_with_token(resolved: str, named: str) -> None:
-    """Make this process acceptable to a cluster that uses token authentication, or say what is missing.
+_prepared: set[str] = set()  # addresses whose token question is settled in this process
+
+
+def prepare(address: str | None) -> None:
+    """Settle, before Ray is imported, whether this process joins `address` with token authentication;
+    or say in one line what is missing. Cheap to call again.
 
     Ray turns token authentication on by itself only for a cluster it finds on its own (`auto`); for
     an explicit address a user would have to export RAY_AUTH_MODE=token. Here it is turned on when the
-    cluster asks for a token and this machine has one. Not before: a driver in token mode refuses the
-    calls of a cluster without it, and its trials' actors die before they start.
+    cluster asks for a token and this machine has one. Not otherwise: a driver in token mode refuses
+    the calls of a cluster without it, and its trials' actors die before they start.
     """
-    if resolved.startswith("ray://") or not _refused(resolved):
+    resolved = resolve_address(address)
+    if resolved is None or resolved.startswith("ray://") or resolved in _prepared:
         return
-    source = token_source()
-    if source and "RAY_AUTH_MODE" not in os.environ:
-        _turn_token_auth_on()
+    check_address(address)
+    named = _named(address, resolved)
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":  # chosen already: is the token the head's?
+        if _refused(resolved, "token"):
+            raise token_error(named, token_source())
+    elif _refused(resolved, os.environ.get("RAY_AUTH_MODE", "disabled")):
+        source = token_source()
+        if not source or "RAY_AUTH_MODE" in os.environ:  # none to offer, or the user chose a mode
+            raise token_error(named, source)
+        if _refused(resolved, "token"):
+            raise token_error(named, source, tried=True)
+        if "ray" in sys.modules:  # Ray has read its settings: the mode can no longer change here
+            raise UserError(f"{named}: the cluster uses token authentication and Ray was imported before "
+                            f"tune_sota could turn it on; set RAY_AUTH_MODE=token before Python starts "
+                            f"(the token in {source} is then used); see {DOCS}")
+        os.environ["RAY_AUTH_MODE"] = "token"  # read by Ray when it is imported, and by every node it starts
         log.info("joining with the Ray token from %s", source)
-        if not _refused(resolved):
-            return
-    raise token_error(named, source)
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence file descriptor 2 (where Ray's C++ code logs) for the duration."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    _prepared.add(resolved)
 
 
 def connect(address: str | None, settings=None):
@@ -197,6 +190,7 @@ def connect(address: str | None, settings=None):
     cluster Ray's `ray_current_cluster` file names, another user's included, or hang on a dead one.
     `settings` are the search settings: a cluster without the CPUs or GPUs a trial asks for is an error.
     """
+    prepare(address)  # before Ray is imported, if it has not been yet
     import optuna
     import ray
 
@@ -221,9 +215,7 @@ def connect(address: str | None, settings=None):
                   configure_logging=True, runtime_env=quiet_workers, log_to_driver=verbose)
     resolved = resolve_address(address)
     if resolved:
-        check_address(address)
         named = _named(address, resolved)
-        join_with_token(resolved, named)
         try:
             context = ray.init(address=resolved, **kwargs)
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
@@ -340,11 +332,12 @@ def _folders(space) -> list[str]:
 
 def cluster_check(address: str, storage: str | None = None, space=None) -> list[NodeReport]:
     """Join the cluster and run a tiny task on every node: versions, storage and data as each node sees them."""
+    if not address:
+        raise UserError("cluster-check needs --address HOST:PORT (or auto) of the cluster to check")
+    prepare(address)  # before Ray is imported
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if not address:
-        raise UserError("cluster-check needs --address HOST:PORT (or auto) of the cluster to check")
     if storage and "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     data = [str(Path(d).expanduser().resolve()) for d in _folders(space)]
