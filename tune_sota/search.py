@@ -5,6 +5,7 @@ trials judged on a holdout) -> trial tables -> confirmation of the best against 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import platform
@@ -12,9 +13,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
-import optuna
 import pandas as pd
 import ray
 import yaml
@@ -44,18 +45,15 @@ def free_name(name: str, *roots: Path) -> str:
     return candidate
 
 
+@functools.cache
 def versions() -> dict[str, str]:
-    """The versions that decide a result: tune_sota (and its git commit, in a checkout), Python, libraries."""
-    import fastai
-    import torch
-    import torchvision
-
+    """The versions that decide a result: tune_sota (and its git commit, in a checkout), Python, libraries.
+    Read from the installed metadata: importing torch and fastai here would cost the driver seconds."""
     from tune_sota import __version__
 
-    mods = {"torch": torch, "torchvision": torchvision, "fastai": fastai, "ray": ray, "optuna": optuna, "pandas": pd}
     commit = _git_commit()
     return {"tune_sota": __version__ + (f" (git {commit})" if commit else ""), "python": platform.python_version(),
-            **{name: str(m.__version__) for name, m in mods.items()}}
+            **{name: metadata.version(name) for name in ("torch", "torchvision", "fastai", "ray", "optuna", "pandas")}}
 
 
 def _git_commit() -> str:
