@@ -230,19 +230,6 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text() == "old: 1\n" and [p.name for p in tmp_path.iterdir()] == ["best.yaml"]
 
 
-@pytest.mark.slow
-def test_a_taken_name_gets_a_new_one_and_the_old_results_stay(tmp_path, image_folder):
-    taken = tmp_path / "results" / "keep"
-    taken.mkdir(parents=True)
-    (taken / "best.yaml").write_text("precious: true\n")
-    space = write_space(tmp_path / "keep.yaml", tiny(image_folder, epochs=1), {"num_samples": 1})
-    run = cli("search", "--space", space, "--results", tmp_path / "results")
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert (taken / "best.yaml").read_text() == "precious: true\n"
-    assert (tmp_path / "results" / "keep-2" / "best.yaml").is_file()
-    assert "'keep' was taken, so this search is 'keep-2'" in run.stdout
-
-
 # --- security --------------------------------------------------------------------------------------
 
 def test_yaml_cannot_construct_python_objects(tmp_path, capsys):

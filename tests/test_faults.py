@@ -29,12 +29,11 @@ def slower_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def cluster(request):
-    """A head and a worker node: two raylets on this machine, as `ray start` would make on two. The
-    head has 2 CPUs unless the test asks for another number (indirect parametrization)."""
+def cluster():
+    """A head (2 CPUs) and a worker node (1 CPU): two raylets on this machine, as `ray start` would make on two."""
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": getattr(request, "param", 2)})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     worker = c.add_node(num_cpus=1)
     c.wait_for_nodes()
     yield c, worker
@@ -66,51 +65,40 @@ def _popen(*args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-# One CPU per node: the two trials that start together cannot both run on the head. (With a bigger
-# head, reused actors can run every short trial there.)
-@pytest.mark.parametrize("cluster", [1], indirect=True)
-def test_multi_node_search_writes_everything_to_shared_storage(cluster, tmp_path, slower_folder):
-    c, _ = cluster
-    space = write_space(tmp_path / "multi.yaml", {**tiny(slower_folder, epochs=3), "lr": {"loguniform": [1e-3, 1e-2]}},
-                        {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "scheduler": "fifo",
-                         "confirm_top": 1, "confirm_seeds": 1})
-    run = cli("search", "--space", space, "--address", c.address, "--storage", tmp_path / "shared",
-              "--results", tmp_path / "results")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    trials = load_trials(tmp_path / "results" / "multi")
-    assert len(trials) == 4 and trials.node.nunique() == 2, "trials ran on both nodes"
-    experiment = tmp_path / "shared" / "multi"
-    assert yaml.safe_load((tmp_path / "results" / "multi" / "run.yaml").read_text())["experiment"] == str(experiment)
-    for trial_id in trials.trial_id:
-        assert (experiment / f"trial_{trial_id}" / "result.json").is_file()
-    best = yaml.safe_load((tmp_path / "results" / "multi" / "best.yaml").read_text())["result"]
-    winner = experiment / f"trial_{best['trial_id']}"
-    assert list(winner.glob("checkpoint_*/state.pt")), "the winner's checkpoints are in the shared storage"
-    runs = list((experiment / "confirm").glob("run_*/checkpoint_*/state.pt"))
-    assert len(runs) == 2, "the confirmation (winner and baseline, one seed) ran with its checkpoints in storage"
-
-
-def test_lost_node_trials_resume_from_their_checkpoints(cluster, tmp_path, slower_folder):
+def test_a_cluster_search_keeps_everything_in_shared_storage_and_survives_a_lost_node(cluster, tmp_path,
+                                                                                     slower_folder):
+    # Three trials at once on 2 + 1 CPUs: one of them certainly starts on the worker node, which is then lost.
     c, worker = cluster
     space = write_space(tmp_path / "loss.yaml", tiny(slower_folder, size=32, presize=36, epochs=8),
                         {"num_samples": 3, "max_concurrent": 3, "cpus_per_trial": 1, "scheduler": "fifo",
-                         "confirm_top": 0})
+                         "confirm_top": 1, "confirm_seeds": 1})
     proc = _popen("search", "--space", space, "--address", c.address, "--storage", tmp_path / "shared",
                   "--results", tmp_path / "results")
-    experiment = tmp_path / "shared" / "loss"
+    experiment, folder = tmp_path / "shared" / "loss", tmp_path / "results" / "loss"
     on_worker = lambda: [r for r in _results(experiment) if worker.node_id.startswith(r.get("node", "-"))]  # noqa: E731
     _wait(lambda: any(r["epoch"] >= 2 for r in on_worker()), 240, "a trial on the worker to checkpoint", proc)
     lost = {r["trial_id"] for r in on_worker()}
     c.remove_node(worker, allow_graceful=False)
     out, _ = proc.communicate(timeout=480)
     assert proc.returncode == 0, out[-3000:]
-    trials, history = load_trials(tmp_path / "results" / "loss"), load_history(tmp_path / "results" / "loss")
+    trials, history = load_trials(folder), load_history(folder)
     assert (trials.status == "completed").all() and len(trials) == 3
+    assert history.node.nunique() == 2, "trials ran on both nodes"
     for trial_id in lost:
         h = history[history.trial_id == trial_id]
         resumed = h[h.start_epoch > 0]
         assert len(resumed), f"{trial_id} was retried from a checkpoint, not from scratch"
         assert resumed.epoch.min() == resumed.start_epoch.min() + 1 and h.epoch.max() == 8
+
+    # Everything Ray wrote is in the shared storage; the results folder says where.
+    assert yaml.safe_load((folder / "run.yaml").read_text())["experiment"] == str(experiment)
+    for trial_id in trials.trial_id:
+        assert (experiment / f"trial_{trial_id}" / "result.json").is_file()
+    best = yaml.safe_load((folder / "best.yaml").read_text())["result"]
+    winner = experiment / f"trial_{best['trial_id']}"
+    assert list(winner.glob("checkpoint_*/state.pt")), "the winner's checkpoints are in the shared storage"
+    runs = list((experiment / "confirm").glob("run_*/checkpoint_*/state.pt"))
+    assert len(runs) == 2, "the confirmation (winner and baseline, one seed) ran with its checkpoints in storage"
 
 
 def _study(folder: Path, name: str) -> list:
@@ -119,50 +107,6 @@ def _study(folder: Path, name: str) -> list:
         return optuna.load_study(study_name=name, storage=study_url(folder)).trials
     except Exception:  # not created yet, or the driver is writing to it this instant
         return []
-
-
-def test_killed_driver_resumes_without_losing_or_repeating_trials(tmp_path, image_folder):
-    space = write_space(tmp_path / "killed.yaml",
-                        {**tiny(image_folder, epochs=4), "lr": {"loguniform": [1e-3, 1e-2]},
-                         "mixup": {"choice": [0.0, 0.2]}},
-                        {"num_samples": 6, "max_concurrent": 2, "cpus_per_trial": 1, "startup_trials": 2,
-                         "confirm_top": 1, "confirm_seeds": 1})
-    folder = tmp_path / "results" / "killed"
-    proc = _popen("search", "--space", space, "--results", tmp_path / "results")
-
-    def finished() -> list:
-        return [t for t in _study(folder, "killed") if t.state.name in ("COMPLETE", "PRUNED")]
-
-    # Killed the moment a second trial has ended: four of six trials are still to run, whatever the
-    # machine's speed, so the search is certainly mid-way (no sleep racing a timer).
-    _wait(lambda: len(finished()) >= 2, 300, "two finished trials", proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray processes it started
-    proc.wait()
-    before = finished()
-    assert not (folder / "trials.csv").exists(), "the search was still running when it was killed"
-
-    run = cli("search", "--resume", "killed", "--results", tmp_path / "results")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "killed done" in run.stdout and "confirmed on val/" in run.stdout
-    trials, history = load_trials(folder), load_history(folder)
-    assert len(trials) == 6, "the total is the number of trials asked for"
-    study = {t.user_attrs[RAY_ID]: t for t in _study(folder, "killed")}
-    assert set(trials.trial_id) <= set(study), "every Ray trial is in the study"
-    assert all(t.state.name == "FAIL" for rid, t in study.items() if rid not in set(trials.trial_id)), \
-        "trials asked of the study but never recorded by Ray (killed in between) are closed as failed"
-    for t in before:  # the searcher's state came back: the same trials, the same values
-        again = study[t.user_attrs[RAY_ID]]
-        assert again.number == t.number and again.state == t.state and again.params == t.params
-        epochs = history[history.trial_id == t.user_attrs[RAY_ID]].epoch
-        assert epochs.is_unique and (epochs <= 4).all(), "the history has one row per epoch"
-        # Ray's own record of the trial: each epoch trained once; a trial that had finished before Ray
-        # saved that fact may state its last epoch once more, restored (start_epoch 4), not retrained.
-        path = Path(trials.set_index("trial_id").path[t.user_attrs[RAY_ID]]) / "result.json"
-        reports = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        trained = [r["epoch"] for r in reports if r["start_epoch"] < r["epoch"]]
-        assert sorted(trained) == sorted(set(trained)), f"finished trial {t.number} was trained again: {trained}"
-        assert all(r["start_epoch"] == 4 for r in reports if r["start_epoch"] >= r["epoch"])
-    assert (folder / "best.yaml").is_file() and (folder / "confirm.csv").is_file()
 
 
 def test_diverged_and_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, image_folder):
@@ -191,12 +135,17 @@ def test_diverged_and_failing_trials_are_recorded_and_the_search_goes_on(tmp_pat
     assert {study[t] for t in list(diverged.trial_id) + list(errors.trial_id)} == {"FAIL"}
 
 
-def test_killed_during_confirmation_resumes_without_redoing_finished_runs(tmp_path, image_folder):
-    space = write_space(tmp_path / "late.yaml", {**tiny(image_folder, epochs=3), "lr": {"choice": [0.003, 0.01]}},
-                        {"num_samples": 2, "max_concurrent": 2, "cpus_per_trial": 1, "scheduler": "fifo",
+def test_a_driver_killed_twice_resumes_without_losing_or_repeating_work(tmp_path, image_folder):
+    """Killed (SIGKILL, driver and local Ray) mid-search, resumed, killed again mid-confirmation, resumed."""
+    space = write_space(tmp_path / "killed.yaml",
+                        {**tiny(image_folder, epochs=4), "lr": {"loguniform": [1e-3, 1e-2]},
+                         "mixup": {"choice": [0.0, 0.2]}},
+                        {"num_samples": 6, "max_concurrent": 2, "cpus_per_trial": 1, "startup_trials": 2,
                          "confirm_top": 1, "confirm_seeds": 3})  # 3 runs of the winner + 3 of the baseline
-    folder = tmp_path / "results" / "late"
-    proc = _popen("search", "--space", space, "--results", tmp_path / "results")
+    folder = tmp_path / "results" / "killed"
+
+    def finished() -> list:
+        return [t for t in _study(folder, "killed") if t.state.name in ("COMPLETE", "PRUNED")]
 
     def finished_runs() -> dict:
         runs = {}
@@ -206,22 +155,54 @@ def test_killed_during_confirmation_resumes_without_redoing_finished_runs(tmp_pa
                 runs[f.parent.name] = rows
         return runs
 
+    # Killed the moment a second trial has ended: four of six trials are still to run, whatever the
+    # machine's speed, so the search is certainly mid-way (no sleep racing a timer).
+    proc = _popen("search", "--space", space, "--results", tmp_path / "results")
+    _wait(lambda: len(finished()) >= 2, 300, "two finished trials", proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray processes it started
+    proc.wait()
+    before = finished()
+    assert not (folder / "trials.csv").exists(), "the search was still running when it was killed"
+
+    # Resumed, and killed again once two of the six confirmation runs have ended.
+    proc = _popen("search", "--resume", "killed", "--results", tmp_path / "results")
     _wait(lambda: len(finished_runs()) >= 2, 400, "two finished confirmation runs", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = finished_runs()
-    assert len(before) < 6 and not (folder / "confirm.csv").exists(), "killed during the confirmation"
+    runs_before = finished_runs()
+    assert len(runs_before) < 6 and not (folder / "confirm.csv").exists(), "killed during the confirmation"
 
-    run = cli("search", "--resume", "late", "--results", tmp_path / "results")
+    run = cli("search", "--resume", "killed", "--results", tmp_path / "results")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "killed done" in run.stdout and "confirmed on val/" in run.stdout
+    trials, history = load_trials(folder), load_history(folder)
+    assert len(trials) == 6, "the total is the number of trials asked for"
+    study = {t.user_attrs[RAY_ID]: t for t in _study(folder, "killed")}
+    assert set(trials.trial_id) <= set(study), "every Ray trial is in the study"
+    assert all(t.state.name == "FAIL" for rid, t in study.items() if rid not in set(trials.trial_id)), \
+        "trials asked of the study but never recorded by Ray (killed in between) are closed as failed"
+    for t in before:  # the searcher's state came back: the same trials, the same values
+        again = study[t.user_attrs[RAY_ID]]
+        assert again.number == t.number and again.state == t.state and again.params == t.params
+        epochs = history[history.trial_id == t.user_attrs[RAY_ID]].epoch
+        assert epochs.is_unique and (epochs <= 4).all(), "the history has one row per epoch"
+        # Ray's own record of the trial: each epoch trained once; a trial that had finished before Ray
+        # saved that fact may state its last epoch once more, restored (start_epoch 4), not retrained.
+        path = Path(trials.set_index("trial_id").path[t.user_attrs[RAY_ID]]) / "result.json"
+        reports = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        trained = [r["epoch"] for r in reports if r["start_epoch"] < r["epoch"]]
+        assert sorted(trained) == sorted(set(trained)), f"finished trial {t.number} was trained again: {trained}"
+        assert all(r["start_epoch"] == 4 for r in reports if r["start_epoch"] >= r["epoch"])
+
     confirm = load_confirm(folder)
     assert len(confirm) == 6 and (confirm.error == "").all()
     assert sorted(confirm[confirm.role == "candidate"].seed) == sorted(confirm[confirm.role == "baseline"].seed) \
         == [42, 43, 44]
     after = finished_runs()
-    for name, rows in before.items():  # finished runs were not trained again (at most said again)
+    for name, rows in runs_before.items():  # finished runs were not trained again (at most said again)
         again = after[name][len(rows):]
-        assert after[name][:len(rows)] == rows and all(r["start_epoch"] == 3 for r in again), name
+        assert after[name][:len(rows)] == rows and all(r["start_epoch"] == 4 for r in again), name
+    assert (folder / "best.yaml").is_file()
 
 
 def test_a_search_in_which_every_trial_fails_exits_non_zero_with_the_first_error(tmp_path):

@@ -45,8 +45,8 @@ def _resume_argv(line: str) -> list[str]:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, slower_folder):
-    # 12 epochs a trial: Ctrl-C after the first epoch lands while the search certainly runs, however fast
-    space = write_space(tmp_path / "sig.yaml", {**tiny(slower_folder, epochs=12, size=32, presize=32),
+    # 6 epochs a trial: Ctrl-C after the first epoch lands while the search certainly runs, however fast
+    space = write_space(tmp_path / "sig.yaml", {**tiny(slower_folder, epochs=6, size=32, presize=32),
                                                 "lr": {"loguniform": [1e-3, 1e-2]}},
                         {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "startup_trials": 2,
                          "scheduler": "asha", "grace": 0.5, "confirm_top": 0})
@@ -87,7 +87,7 @@ def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, 
         assert recorded.items() <= rungs[share].items(), (share, recorded, rungs[share])
     half = rungs[repr(0.5)]
     for _, t in trials[trials.status == "stopped"].iterrows():
-        assert t.trial_id in half and t.epochs_run == 6, t
+        assert t.trial_id in half and t.epochs_run == 3, t
         assert half[t.trial_id] < max(half.values()), "stopped below the best at its rung"
     counters = [int(n) for n in re.findall(r"\[(\d+)/4\]", resumed.stdout)]
     assert counters and counters[0] == ended_before + 1 and counters[-1] == 4, resumed.stdout[-3000:]
