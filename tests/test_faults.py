@@ -118,8 +118,8 @@ def test_diverged_and_failing_trials_are_recorded_and_the_search_goes_on(tmp_pat
                         {**tiny(image_folder, epochs=12, wd=1.0), "data": {"choice": [str(image_folder), str(broken)]},
                          "lr": {"choice": [0.003, 10.0]}},
                         {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "scheduler": "fifo",
-                         "confirm_top": 1, "confirm_seeds": 1,
-                         "seed": 2, "startup_trials": 4})  # seed 2's first four cover all three outcomes
+                         "confirm_top": 0, "seed": 2,
+                         "startup_trials": 4})  # seed 2's first four cover all three outcomes
     run = cli("search", "--space", space, "--results", tmp_path / "results")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     trials = load_trials(tmp_path / "results" / "faults")

@@ -66,7 +66,7 @@ def test_rung_records_survive_a_resume(tmp_path):
 def _best_completed(scheduler) -> tuple[float, list[dict]]:
     tuner = tune.Tuner(synthetic, param_space={"run": tune.grid_search(RUNS)},
                        tune_config=tune.TuneConfig(metric="accuracy", mode="max", scheduler=scheduler,
-                                                   max_concurrent_trials=1),
+                                                   max_concurrent_trials=1, reuse_actors=True),
                        run_config=tune.RunConfig(verbose=0, storage_path=str(_tmp / "ray")))
     done = [r for r in tuner.fit() if r.metrics["epoch"] == r.metrics["epochs"]]
     return max(r.metrics["accuracy"] for r in done), [r.config["run"] for r in done]

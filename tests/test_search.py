@@ -159,7 +159,7 @@ def test_every_search_space_smoke_runs(path, tmp_path, image_folder):
     values = {k: (v.to_yaml() if hasattr(v, "to_yaml") else v) for k, v in space.values.items()}
     values.update(tiny(image_folder), epochs={"randint": [1, 2]}, resize={"choice": ["16", "8>16"]})
     search = {**dataclasses.asdict(space.search), "num_samples": 2, "max_concurrent": 2, "cpus_per_trial": 1,
-              "gpus_per_trial": 0, "confirm_top": 1, "confirm_seeds": 1}
+              "gpus_per_trial": 0, "confirm_top": 0}  # confirmation: the shared search and tests/test_faults.py
     shrunk = write_space(tmp_path / f"{path.stem}.yaml", values, search)
     taken = tmp_path / "results" / path.stem  # an earlier search's results: a new search never touches them
     taken.mkdir(parents=True)
@@ -169,4 +169,4 @@ def test_every_search_space_smoke_runs(path, tmp_path, image_folder):
     assert f"'{path.stem}' was taken, so this search is '{path.stem}-2'" in run.stdout
     assert (taken / "best.yaml").read_text() == "precious: true\n" and len(list(taken.iterdir())) == 1
     folder = tmp_path / "results" / f"{path.stem}-2"
-    assert len(load_trials(folder)) == 2 and "gain: " in run.stdout and (folder / "best.yaml").is_file()
+    assert len(load_trials(folder)) == 2 and (folder / "best.yaml").is_file()
