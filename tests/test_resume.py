@@ -165,6 +165,12 @@ def test_resume_by_space_name_lists_candidates_when_ambiguous(tmp_path, capsys):
     assert runstate.status(legacy) == "running"
     (legacy / "trials.csv").write_text("trial_id\n")
     assert runstate.status(legacy) == "finished"
+    # killed after claiming its name but before writing its space: no search there, one line says so
+    claimed = results / "claimed"
+    claimed.mkdir()
+    (claimed / "run.yaml").write_text(yaml.safe_dump({"space": "quick", "status": "running"}))
+    code, err = run_main(capsys, "search", "--resume", "claimed", "--results", results)
+    assert_one_line_error(code, err, "--resume claimed:", "holds no search to resume")
 
 
 @pytest.mark.slow

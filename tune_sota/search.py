@@ -100,7 +100,8 @@ def _locate(space: Space, name: str | None, results_root: Path, storage: str | N
         results_dir = results_root / name
         space = parse_space(yaml.safe_load((results_dir / "space.yaml").read_text()),
                             name=runstate.space_of(results_dir), source=str(results_dir / "space.yaml"))
-        storage = yaml.safe_load((results_dir / "run.yaml").read_text())["storage"]
+        run_yaml = results_dir / "run.yaml"  # absent in folders from before it existed: storage was the results
+        storage = (yaml.safe_load(run_yaml.read_text()) or {}).get("storage") if run_yaml.is_file() else None
     else:
         name = name or space.name
         roots = [results_root] + ([Path(storage)] if storage and "://" not in storage else [])
@@ -134,12 +135,14 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
             runstate.mark(results_dir, runstate.RUNNING)
         else:  # claim the name: from here on this folder is this search's
             results_dir.mkdir(parents=True)
-            write_atomic(results_dir / "space.yaml", space_to_yaml(space.values, space.search, space.baseline))
             write_atomic(results_dir / "run.yaml", yaml.safe_dump({
                 "command": command, "name": name, "space": space.name, "status": runstate.RUNNING,
                 "storage": storage, "experiment": f"{storage.rstrip('/')}/{name}", "searched": searched,
                 "versions": versions()},
                 sort_keys=False))
+            # space.yaml last: it is what makes the folder a search (runstate.status), so a folder that
+            # has it has its run.yaml too, whenever the driver is killed
+            write_atomic(results_dir / "space.yaml", space_to_yaml(space.values, space.search, space.baseline))
         judged = f"a {s.holdout:.0%} holdout of train/" if s.select_on == "holdout" else "val/ (optimistic)"
         out(f"tune-sota: searching '{space.name}' as {name}: {s.num_samples} trials, "
             f"{', '.join(searched) or 'nothing'} searched, judged on {judged}; results in {results_dir}")
