@@ -40,7 +40,7 @@ from fastai.vision.core import TensorImage
 from PIL import Image
 
 from tune_sota import data, sources
-from tune_sota.config import Config, UserError
+from tune_sota.config import Config, UserError, write_atomic
 
 VERSION = 2  # bump when the layout or the decoding changes: old caches are then never read
 SPLITS = sources.SPLITS
@@ -93,17 +93,11 @@ def build(root: Path, presize: int, splits: tuple[str, ...] = SPLITS) -> Path:
                 meta = _decode_into(tmp, root, found, split, presize)
                 for f in tmp.iterdir():
                     os.replace(f, folder / f.name)
-                write_json(folder / f"{split}.json", meta)  # last: the split is there once this is
+                # last: the split is there once this is
+                write_atomic(folder / f"{split}.json", json.dumps(meta, indent=1))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def write_json(path: Path, value) -> None:
-    """Write JSON so that a reader sees all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
 
 
 def _check_space(where: Path, found: sources.Scan, presize: int) -> None:

@@ -178,7 +178,7 @@ def _counts(o, what: str = "done in") -> None:
 
     counts = o.trials.status.value_counts().to_dict() if len(o.trials) else {}
     parts = ", ".join(f"{n} {results.STATUS_HELP[s] if s == results.STOPPED else s}" for s, n in counts.items())
-    print(f"\ntune-sota: {o.name} {what} {time.strftime('%Hh%Mm%Ss', time.gmtime(o.wall_s))}: "
+    print(f"\ntune-sota: {o.name} {what} {results.clock(o.wall_s)}: "
           f"{len(o.trials)} trials ({parts})")
     if o.renamed_from:
         print(f"  '{o.renamed_from}' was taken, so this search is '{o.name}'")
@@ -217,8 +217,9 @@ def _summary(o) -> None:
                   f"with TTA {_pm(base['tta_mean'], base['tta_std'])}")
             cost = o.trials.time_s.sum() + a["confirm_s"]
             print(f"  gain: {a['gain_points']:+.1f} points ({a['gain_tta_points']:+.1f} with TTA) over the baseline, "
-                  f"for {_hours(o.trials.time_s.sum())} of trials and {_hours(a['confirm_s'])} of confirmation "
-                  f"({_hours(cost)} of trial-time in all)")
+                  f"for {results.clock(o.trials.time_s.sum())} of trials and {results.clock(a['confirm_s'])} of "
+                  f"confirmation "
+                  f"({results.clock(cost)} of trial-time in all)")
     print(f"  {values}")
     for note in _edges(o):
         print(f"  note: {note}")
@@ -254,10 +255,6 @@ def _disk(o) -> None:
 
 def _pm(mean: float, std: float) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}%"
-
-
-def _hours(seconds: float) -> str:
-    return time.strftime("%Hh%Mm%Ss", time.gmtime(seconds))
 
 
 def _train(args) -> int:

@@ -20,12 +20,6 @@ from tune_sota.config import UserError
 log = logging.getLogger(__name__)
 
 
-def clock(seconds: float) -> str:
-    """Seconds as `00h01m05s`, the format of the search's closing summary."""
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600:02d}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
-
-
 def _short(v):
     return f"{v:.3g}" if isinstance(v, float) else v
 
@@ -72,7 +66,7 @@ class Progress(tune.Callback):
 
     def _status_tail(self) -> str:
         best = f"best {self.best:.4f}" if self.best is not None else "best -"
-        return f"{best}  {clock(time.monotonic() - self.t0)}"
+        return f"{best}  {results.clock(time.monotonic() - self.t0)}"
 
     def eta(self) -> float | None:
         """Seconds left, estimated; None before a trial has finished."""
@@ -103,7 +97,7 @@ class Progress(tune.Callback):
 
     def _tail(self) -> str:
         eta = self.eta()
-        left = f", ~{clock(eta)} left" if eta is not None and self.done < self.num_samples else ""
+        left = f", ~{results.clock(eta)} left" if eta is not None and self.done < self.num_samples else ""
         return f"  | {self._status_tail()} elapsed{left}"
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -49,6 +49,7 @@ class Search:
     confirm: pd.DataFrame | None = None
     study: object | None = None  # optuna.Study
     notes: dict[str, str] = field(default_factory=dict)
+    importances: tuple | None = field(default=None, repr=False)  # importance()'s answer, once per report
 
     @property
     def metric(self) -> str:
@@ -236,7 +237,14 @@ def fig_parallel(s: Search):
 
 
 def importance(s: Search) -> tuple[object | None, str]:
-    """Optuna's parameter importances on the stored study, and a sentence saying which trials they use."""
+    """Optuna's parameter importances on the stored study, and a sentence saying which trials they use.
+    Computed once per `Search` (fANOVA fits a forest): the page and the PNGs share it."""
+    if s.importances is None:
+        s.importances = _importance(s)
+    return s.importances
+
+
+def _importance(s: Search) -> tuple[object | None, str]:
     import optuna
     from optuna.importance import (
         FanovaImportanceEvaluator,
@@ -357,11 +365,11 @@ def answer_html(s: Search) -> str:
     cost = r.get("cost") if isinstance(r.get("cost"), dict) else {}
     counts = ", ".join(f"{n} {st}" for st, n in t.status.value_counts().items()) if len(t) else "no trials"
     spent = cost.get("search_trial_s", t.time_s.fillna(0).sum() if len(t) else 0)
-    line = f"Search: {len(t)} trials ({counts}), {_hours(spent)} of trial-time"
+    line = f"Search: {len(t)} trials ({counts}), {results.clock(spent)} of trial-time"
     if cost.get("confirm_trial_s"):
-        line += f"; confirmation {_hours(cost['confirm_trial_s'])}"
+        line += f"; confirmation {results.clock(cost['confirm_trial_s'])}"
     if cost.get("wall_s"):
-        line += f"; {_hours(cost['wall_s'])} from start to end"
+        line += f"; {results.clock(cost['wall_s'])} from start to end"
     paras = [f"<p class='cost'>{html.escape(line)}.</p>"]
     if s.confirm is not None and "error" in s.confirm:
         failed = s.confirm[s.confirm.error.fillna("").astype(str) != ""]
@@ -409,10 +417,6 @@ def _pm(d: dict, key: str) -> str:
 
 def _signed(v) -> str:
     return "n/a" if v is None else f"{v:+.1f}"
-
-
-def _hours(seconds: float) -> str:
-    return time.strftime("%Hh%Mm%Ss", time.gmtime(max(0, float(seconds))))
 
 
 def table_html(s: Search) -> str:

@@ -58,6 +58,12 @@ def trial_id_of(result) -> str:
     return (result.metrics or {}).get("trial_id") or Path(str(result.path)).name.removeprefix("trial_")
 
 
+def clock(seconds: float) -> str:
+    """Seconds as `00h01m05s` (hours past 24 go on counting), the format of every duration shown."""
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600:02d}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
 def status_of(metrics: dict, ray_error, finished: bool) -> str:
     """A trial's status from its last metrics, Ray's error, and whether the search ran to its end."""
     if ray_error is not None or metrics.get("error"):

@@ -31,8 +31,6 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from tune_sota.config import write_atomic
 from tune_sota.schedule import rung_shares
 
-SCHEDULERS = ("asha", "fifo", "ray-asha")
-
 
 class ScheduleASHA(FIFOScheduler):
     """Asynchronous successive halving with rungs at shares of each trial's own schedule.

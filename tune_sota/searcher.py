@@ -27,7 +27,6 @@ from tune_sota.config import Dist
 log = logging.getLogger(__name__)
 
 RAY_ID = "ray_trial_id"  # the user attribute that links a study trial to its Ray trial
-SAMPLERS = ("tpe", "random")
 
 
 def distribution(d: Dist) -> BaseDistribution:
