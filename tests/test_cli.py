@@ -267,6 +267,17 @@ def test_ray_dashboard_stays_off():
         ray.shutdown()
 
 
+def test_a_dataset_downloaded_before_is_found_without_importing_fastai(tmp_path, image_folder):
+    """The driver of every search prepares its data: an earlier download must not cost it torch and fastai."""
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "imagenette2-160.path").write_text(str(image_folder))
+    code = ("import sys; from tune_sota.sources import prepare_source\n"
+            "print(prepare_source('imagenette2-160'), 'fastai' in sys.modules, 'torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TUNE_SOTA_CACHE": str(tmp_path)})
+    assert run.stdout.split() == [str(image_folder), "False", "False"], run.stdout + run.stderr
+
+
 def test_a_download_that_fails_for_another_reason_keeps_its_cause(tmp_path):
     """Only network failures get the offline hint; here fastai's own config file is broken."""
     (tmp_path / "fastai").mkdir()

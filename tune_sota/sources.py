@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tune_sota.config import UserError
+from tune_sota.config import UserError, write_atomic
 
 # Each name `data:` accepts besides a folder and 'digits', with the name of fastai's `URLs` constant.
 DOWNLOADS = {
@@ -67,6 +67,11 @@ def prepare_source(data: str) -> Path:
     if data not in DOWNLOADS:
         raise UserError(f"data: {folder.resolve()} is neither a folder nor a known dataset; use 'digits', one of "
                         f"{', '.join(DOWNLOADS)}, or a folder with train/ and val/ (one subfolder per class)")
+    # Where an earlier download went, so that a search's driver finds it without importing fastai (and
+    # torch with it: seconds at every start); fastai's own folder may be anywhere its config says.
+    record = cache_dir() / "downloads" / f"{data}.path"
+    if record.is_file() and (known := Path(record.read_text().strip())).is_dir():
+        return known
     from fastai.data.external import URLs, untar_data
 
     # fastprogress draws its bar into any stdout; into a log file or a pipe it is stray block characters.
@@ -74,7 +79,7 @@ def prepare_source(data: str) -> Path:
     try:
         log.info("downloading %s with fastai's untar_data (once)", data)
         with shown:
-            return Path(untar_data(getattr(URLs, DOWNLOADS[data])))
+            folder = Path(untar_data(getattr(URLs, DOWNLOADS[data])))
     except OSError as e:  # no network (URLError, socket errors and timeouts are OSErrors): the offline hint
         raise UserError(f"data: could not download {data} ({type(e).__name__}: {e}); without network, point "
                         f"data: at a local copy with train/ and val/ (in a space file a relative path is read "
@@ -82,6 +87,8 @@ def prepare_source(data: str) -> Path:
     except Exception as e:  # anything else (fastai's config, a broken archive) says what it was, unhinted
         first = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"data: could not download {data}: {type(e).__name__}: {first}") from None
+    write_atomic(record, str(folder))
+    return folder
 
 
 def digits_folder() -> Path:
