@@ -14,6 +14,7 @@ import html
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,10 +273,15 @@ def _importance(s: Search) -> tuple[object | None, str]:
     evaluators = {"fANOVA": FanovaImportanceEvaluator(seed=0),
                   "mean decrease impurity": MeanDecreaseImpurityImportanceEvaluator(seed=0),
                   "PED-ANOVA": PedAnovaImportanceEvaluator()}
-    failed = []
+    failed, said = [], []
     for label, evaluator in evaluators.items():
         try:
-            bar = optuna.visualization.plot_param_importances(s.study, evaluator=evaluator).data[0]
+            # an evaluator's caveat (PED-ANOVA: "importances will be equal") belongs in the sentence under
+            # the chart, not on the terminal of `tune-sota report`
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                bar = optuna.visualization.plot_param_importances(s.study, evaluator=evaluator).data[0]
+            said += [f"{label}: {w.message}" for w in caught if issubclass(w.category, UserWarning)]
         except Exception as e:  # e.g. PED-ANOVA with too few trials, or every trial alike
             failed.append(f"{label}: {type(e).__name__}")
             continue
@@ -285,6 +291,8 @@ def _importance(s: Search) -> tuple[object | None, str]:
         return None, f"Optuna's evaluators could not rank the parameters ({'; '.join(failed)}). " + which
     if failed:
         which += f" Not shown: {'; '.join(failed)}."
+    if said:
+        which += f" Optuna noted: {' '.join(said)}"
     fig.update_layout(barmode="group")
     return _layout(fig, "Parameter importance (share of the accuracy's variation, per evaluator)",
                    "importance (normalized: sums to 1 per evaluator)", "", height=360), which
