@@ -87,7 +87,19 @@ def _opt(default, help, check=None):
     return field(default=default, metadata={"help": help, "check": check})
 
 
-ARCHS = ("xresnet18", "xresnet34", "xresnet50")
+ARCHS = ("xresnet18", "xresnet34", "xresnet50",
+         # fastai's ResNeXt blocks (32 groups of 4 channels), with squeeze-and-excitation (xse_) or without
+         "xse_resnext18", "xse_resnext34", "xse_resnext50", "xresnext18", "xresnext34", "xresnext50")
+OPTIMIZERS = ("adam", "ranger", "sgd", "rmsprop", "lamb")  # recipe.OPTIMIZERS maps them to fastai.optimizer's
+SCHEDULES = ("one_cycle", "flat_cos")  # recipe.fit applies them
+# Sizes at which pool: max keeps the shortcut and the conv path of a downsampling block the same size
+# (fastai's MaxPool has no ceil_mode, so an odd feature map halves to different sizes; see recipe).
+MAX_POOL_MULTIPLE = 32
+
+
+def presize_of(size: int, presize: int = 0) -> int:
+    """The size items are resized to before batch augmentation: `presize`, or 1.25 x `size` (chapter 7's)."""
+    return presize or int(round(size * 1.25))
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,14 @@ class Config:
                      "imagenette2, imagewoof2-160|-320, imagewoof2, or a folder with train/ and val/", _data)
     arch: str = _opt("xresnet50", "model, trained from scratch", _one_of(*ARCHS))
     width: float = _opt(1.0, "channel-width multiplier; below 1 keeps CPU runs small", _between(0.0625, 4))
+    act: str = _opt("relu", "activation in xresnet's layers: relu (chapter 7's) or mish (the Imagenette "
+                    "leaderboard's)", _one_of("relu", "mish"))
+    sa: bool = _opt(False, "xresnet's simple self-attention (fastai's `sa`): one layer after the last block of the "
+                           "first stage")
+    pool: str = _opt("avg", "pooling on the shortcut of xresnet's downsampling blocks (fastai's `pool`, before the "
+                     "1x1 conv: ResNet-D's avg, or max as in the leaderboard's 5-epoch record); the stem's max pool "
+                     "and the head's average pool stay; max needs every training size a multiple of 32",
+                     _one_of("avg", "max"))
     size: int = _opt(128, "final image size in pixels (validation always runs at it)", _between(8, 1024))
     resize: str = _opt("", "progressive-resizing schedule, e.g. '64>96>128' or '64:2>128:1' "
                        "(size:share of epochs); must end at `size`; '' = `size` throughout", _schedule)
@@ -108,6 +128,20 @@ class Config:
     epochs: int = _opt(5, "epochs of the one-cycle schedule", _between(1, 1000))
     lr: float = _opt(3e-3, "peak one-cycle learning rate", _between(1e-6, 10))
     wd: float = _opt(0.01, "weight decay", _between(0, 1))
+    opt: str = _opt("adam", "optimizer, fastai's own: adam (AdamW, chapter 7's), ranger (RAdam + Lookahead), "
+                    "sgd (with momentum), rmsprop, lamb", _one_of(*OPTIMIZERS))
+    mom: float = _opt(0.0, "momentum (beta1 of adam/ranger/lamb, momentum of sgd/rmsprop), held constant through "
+                      "the schedule; 0 = fastai's default: one_cycle cycles it 0.95>0.85>0.95, flat_cos keeps "
+                      "the optimizer's own (adam, lamb, sgd 0.9; ranger 0.95; rmsprop none)", _between(0, 0.999))
+    sqr_mom: float = _opt(0.0, "moving average of squared gradients (beta2) of adam/ranger/lamb/rmsprop; "
+                          "0 = fastai's default, 0.99", _between(0, 0.99999))
+    eps: float = _opt(0.0, "epsilon added to the denominator of adam/ranger/lamb/rmsprop; 0 = fastai's default "
+                      "(1e-5; ranger 1e-6, rmsprop 1e-8)", _between(0, 1))
+    sched: str = _opt("one_cycle", "learning-rate schedule: one_cycle (chapter 7's fit_one_cycle: warm up, cosine "
+                      "anneal) or flat_cos (fastai's fit_flat_cos: flat at lr, then cosine anneal; the "
+                      "leaderboard's)", _one_of(*SCHEDULES))
+    pct_start: float = _opt(0.0, "share of the schedule before the anneal: one_cycle's warm-up, flat_cos's flat "
+                            "part; 0 = fastai's default (one_cycle 0.25, flat_cos 0.75)", _between(0, 0.95))
     mixup: float = _opt(0.0, "MixUp alpha; 0 = off", _between(0, 10))
     label_smoothing: float = _opt(0.0, "label-smoothing epsilon; 0 = plain cross-entropy", _between(0, 1, hi_open=True))
     normalize: str = _opt("imagenet", "normalization statistics: ImageNet's, or measured on a batch",
@@ -135,6 +169,14 @@ class Config:
                 f"resize '{self.resize}' ends at {stages[-1][0]} px but size is {self.size}: "
                 f"the last stage must be the final size"
             )
+        if self.arch.startswith("xse_") and self.width < 0.25:  # SE needs 16 channels: fastai's gives 0 below
+            raise ConfigError(f"arch {self.arch} needs width >= 0.25 (its squeeze-and-excitation has no channel "
+                              f"left at {self.width:g}); use a wider width or an arch without xse_")
+        if self.pool == "max" and any(size % MAX_POOL_MULTIPLE for size, _ in self.stages):
+            raise ConfigError(
+                f"pool: max needs every training size a multiple of {MAX_POOL_MULTIPLE} (size {self.size}, resize "
+                f"'{self.resize}'); use pool: avg or sizes like 32, 64, 128, 160"
+            )
 
     @property
     def stages(self) -> list[tuple[int, float]]:
@@ -144,7 +186,7 @@ class Config:
     @property
     def item_size(self) -> int:
         """The size items are resized to before batch augmentation (presizing)."""
-        return self.presize or int(round(self.size * 1.25))
+        return presize_of(self.size, self.presize)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -228,6 +270,10 @@ class Space:
     def searched(self) -> dict[str, Dist]:
         return {k: v for k, v in self.values.items() if isinstance(v, Dist)}
 
+    def fixed_values(self) -> dict[str, Any]:
+        """The values the space fixes (everything not a distribution)."""
+        return {k: v for k, v in self.values.items() if not isinstance(v, Dist)}
+
     def options(self, key: str) -> list:
         """The values `key` can take: its choices, or its one value (the schema default if unset)."""
         v = self.values.get(key, getattr(Config, key))
@@ -247,8 +293,7 @@ class Space:
     def baseline_config(self, **over) -> Config:
         """The baseline run: the space's fixed values, the schema defaults for what is searched, the
         `baseline:` section on top (chapter 7's plain recipe by default), then `over`."""
-        fixed = {k: v for k, v in self.values.items() if not isinstance(v, Dist)}
-        return Config(**{**fixed, **self.baseline, **over})
+        return Config(**{**self.fixed_values(), **self.baseline, **over})
 
 
 def _type_name(t) -> str:
@@ -362,15 +407,14 @@ def parse_space(raw: Any, *, name: str = "space", source: str = "<dict>") -> Spa
 
 def _check_cross_fields(space: Space, where: str):
     """Check the rules that tie fields together on every combination a choice can make."""
-    keys = ("size", "resize")
-    if any(isinstance(space.values.get(k), Dist) and space.values[k].kind != "choice" for k in keys):
-        return  # a sampled size cannot be checked ahead; Config checks each sample
-    for size, resize in itertools.product(*(space.options(k) for k in keys)):
-        try:
-            fixed = {k: v for k, v in space.values.items() if not isinstance(v, Dist)}
-            Config(**{**fixed, "size": size, "resize": resize})
-        except ConfigError as e:
-            raise ConfigError(f"{where}{e}") from None
+    for keys in (("size", "resize", "pool"), ("arch", "width")):
+        if any(isinstance(space.values.get(k), Dist) and space.values[k].kind != "choice" for k in keys):
+            continue  # a sampled size cannot be checked ahead; Config checks each sample
+        for combo in itertools.product(*(space.options(k) for k in keys)):
+            try:
+                Config(**{**space.fixed_values(), **dict(zip(keys, combo))})
+            except ConfigError as e:
+                raise ConfigError(f"{where}{e}") from None
 
 
 def space_path(name_or_path: str) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from tune_sota import cluster, sources
-from tune_sota.config import Space, UserError
+from tune_sota.config import Space, UserError, presize_of
 from tune_sota.schedule import rung_shares
 
 
@@ -70,7 +70,7 @@ def _item_sizes(space: Space) -> list[int]:
     """Every item (presize) size the space's trials can use."""
     sizes = []
     for presize in space.options("presize"):
-        sizes += [presize] if presize else [int(round(size * 1.25)) for size in space.options("size")
+        sizes += [presize] if presize else [presize_of(size) for size in space.options("size")
                                             if isinstance(size, int)] or [0]
     return sizes
 

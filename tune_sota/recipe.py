@@ -1,10 +1,13 @@
 """Chapter 7's recipe: build a fastai Learner for a `Config`, fit it with one-cycle, progressive
-resizing, MixUp and label smoothing, and score it plainly and with TTA. Never imports Ray: the Tune
-trainable wraps `train`, and `tune-sota train` calls it directly.
+resizing, MixUp and label smoothing, and score it plainly and with TTA. Beyond the chapter, the
+Imagenette leaderboard's knobs, all fastai's own: the optimizer (`opt`, `mom`, `sqr_mom`, `eps`), a
+flat-then-cosine schedule (`sched`), Mish, self-attention, max-pool shortcuts and the ResNeXt archs.
+Never imports Ray: the Tune trainable wraps `train`, and `tune-sota train` calls it directly.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -17,14 +20,17 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision  # noqa: F401  (patches Learner.to_bf16 / to_fp16)
 from fastai.callback.mixup import MixUp
 from fastai.callback.progress import ProgressCallback
-from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learner.fit_one_cycle)
+from fastai.callback.schedule import ParamScheduler, combined_cos, fit_one_cycle  # noqa: F401  (patches Learner)
 from fastai.imports import noop  # the one ProgressCallback compares the logger with
+from fastai.layers import AvgPool, MaxPool
 from fastai.learner import Learner, Recorder
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
+from fastai.optimizer import SGD, Adam, Lamb, RMSProp, ranger
 from fastai.torch_core import set_seed
 from fastai.vision.models import xresnet
 from fastcore.foundation import L
+from torch import nn
 
 from tune_sota import cache, data, sources
 from tune_sota.config import Config, plain
@@ -89,14 +95,68 @@ def resources(cfg: Config, cpus: float | None) -> tuple[int, torch.device]:
     return workers, device
 
 
-def build_learner(cfg: Config, dls) -> Learner:
-    """An xresnet from scratch with the config's loss, metrics and precision; quiet (no bars)."""
-    arch = getattr(xresnet, cfg.arch)
+# fastai's ResNeXt archs as (expansion, blocks per stage, SE reduction; 0 = no squeeze-and-excitation),
+# the arguments fastai.vision.models.xresnet's xse_resnext18... pass to XResNet, so that `width` can
+# narrow their groups too (see `make_model`).
+RESNEXT = {"xse_resnext18": (1, xresnet.g0, 16), "xse_resnext34": (1, xresnet.g1, 16),
+           "xse_resnext50": (4, xresnet.g1, 16), "xresnext18": (1, xresnet.g0, 0),
+           "xresnext34": (1, xresnet.g1, 0), "xresnext50": (4, xresnet.g1, 0)}
+ACTIVATIONS = {"relu": nn.ReLU, "mish": nn.Mish}
+POOLS = {"avg": AvgPool, "max": MaxPool}
+
+
+def make_model(cfg: Config, n_out: int) -> nn.Module:
+    """The config's xresnet, from scratch, narrowed by `width`, with its activation, pool and self-attention."""
     # The stem's last width is fixed by xresnet's first block, so only its first two convs narrow.
     stem = (max(8, int(32 * cfg.width)), max(8, int(32 * cfg.width)), 64)
-    model = arch(n_out=dls.c, widen=cfg.width, stem_szs=stem)
+    kw = dict(n_out=n_out, widen=cfg.width, stem_szs=stem, sa=cfg.sa, act_cls=ACTIVATIONS[cfg.act],
+              pool=POOLS[cfg.pool])
+    if cfg.arch not in RESNEXT:
+        return getattr(xresnet, cfg.arch)(**kw)
+    expansion, layers, reduction = RESNEXT[cfg.arch]
+    # fastai's ResNeXt has 32 groups of 4 channels (a grouped conv twice a stage's width); a grouped conv
+    # needs the groups to divide its input, which a narrowed stage no longer may (16 channels at width
+    # 0.25). So the groups are the largest divisor of 32 that divides every stage's width, each group
+    # wider to keep the grouped conv at twice the stage's width: at width >= 0.5 exactly fastai's model.
+    groups = math.gcd(32, *(int(c * cfg.width) for c in (64, 128, 256, 512)))
+    return xresnet.XResNet(xresnet.SEResNeXtBlock, expansion, layers, groups=groups, reduction=reduction,
+                           base_width=128 / groups, **kw)
+
+
+OPTIMIZERS = {"adam": Adam, "ranger": ranger, "sgd": SGD, "rmsprop": RMSProp, "lamb": Lamb}
+
+
+def opt_func(cfg: Config):
+    """The config's fastai optimizer, with `mom`, `sqr_mom` and `eps` where set (0 = fastai's default)."""
+    kw = {k: v for k, v in (("mom", cfg.mom), ("sqr_mom", cfg.sqr_mom), ("eps", cfg.eps)) if v}
+    if cfg.opt == "sgd":
+        kw.pop("sqr_mom", None), kw.pop("eps", None)  # SGD has neither
+        kw.setdefault("mom", 0.9)  # fastai's SGD defaults to none, and builds no momentum step without it
+    if cfg.opt == "adam" and not kw:
+        return Adam  # chapter 7's Learner, exactly
+    return functools.partial(OPTIMIZERS[cfg.opt], **kw)
+
+
+def fit(learn: Learner, cfg: Config, cbs: list, start_epoch: int = 0) -> None:
+    """Fit with the config's schedule from `start_epoch`: fastai's one-cycle, or its flat-then-cosine."""
+    if cfg.sched == "one_cycle":
+        # fastai cycles momentum 0.95>0.85>0.95 over any optimizer's own; a `mom` set holds it constant.
+        moms = (cfg.mom,) * 3 if cfg.mom else None
+        learn.fit_one_cycle(cfg.epochs, cfg.lr, pct_start=cfg.pct_start or 0.25, wd=cfg.wd, moms=moms, cbs=cbs,
+                            start_epoch=start_epoch)
+        return
+    # fit_flat_cos's own schedule (flat at lr, cosine to lr/1e5; momentum left to the optimizer), written
+    # out because fastai 2.8's fit_flat_cos passes start_epoch=0 to fit: a resumed trial would restart.
+    pct = cfg.pct_start or 0.75
+    sched = ParamScheduler({"lr": combined_cos(pct, cfg.lr, cfg.lr, cfg.lr / 1e5)})
+    learn.fit(cfg.epochs, cbs=[sched, *cbs], wd=cfg.wd, start_epoch=start_epoch)
+
+
+def build_learner(cfg: Config, dls) -> Learner:
+    """An xresnet from scratch with the config's loss, metrics, optimizer and precision; quiet (no bars)."""
+    model = make_model(cfg, dls.c)
     loss = LabelSmoothingCrossEntropyFlat(eps=cfg.label_smoothing) if cfg.label_smoothing else CrossEntropyLossFlat()
-    learn = Learner(dls, model, loss_func=loss, metrics=accuracy, wd=cfg.wd)
+    learn = Learner(dls, model, loss_func=loss, metrics=accuracy, wd=cfg.wd, opt_func=opt_func(cfg))
     learn.remove_cb(ProgressCallback)  # bars and per-epoch tables flood logs; EpochEnd reports instead
     learn.logger = lambda *_: None
     precision = cfg.precision
@@ -137,7 +197,7 @@ def train(cfg: Config, *, cpus: float | None = None, on_epoch: OnEpoch | None = 
         learn.logger = noop  # bars only: the epoch's figures come from `on_epoch`, not fastai's table
         cbs.append(ProgressCallback())
     if start_epoch < cfg.epochs:
-        learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=cbs, start_epoch=start_epoch)
+        fit(learn, cfg, cbs, start_epoch)
     return learn
 
 
@@ -171,7 +231,8 @@ def load_state(learn: Learner, blob: bytes) -> int:
     learn.model.load_state_dict(state["model"])
     if state.get("opt") is not None:
         learn.create_opt()
-        learn.opt.load_state_dict({"state": state["opt"]["state"], "hypers": L(state["opt"]["hypers"])})
+        # ranger's Lookahead adds its step count and slow weights beside the state and hypers
+        learn.opt.load_state_dict({**state["opt"], "hypers": L(state["opt"]["hypers"])})
     return int(state["epoch"])
 
 

@@ -233,8 +233,7 @@ def param_space(space: Space) -> dict:
     """What Tune passes every trial besides the searcher's values: the fixed values, and the holdout the
     trials are judged on (none when selecting on val/)."""
     s = space.search
-    fixed = {k: v for k, v in space.values.items() if not isinstance(v, Dist)}
-    return {**fixed, "holdout": s.holdout if s.select_on == "holdout" else 0.0}
+    return {**space.fixed_values(), "holdout": s.holdout if s.select_on == "holdout" else 0.0}
 
 
 def trial_dirname(trial) -> str:
