@@ -63,6 +63,47 @@ def test_rung_records_survive_a_resume(tmp_path):
     assert fresh.decide("b", 1, 4, 0.5) == "CONTINUE", "an empty rung would have let it through"
 
 
+def flat_cos(epochs: int, q: float, epoch: int) -> float:
+    """A flat-then-cosine curve: at its peak learning rate until 75% of the schedule, so poor at half-way,
+    and the best at the end."""
+    final = q * (0.6 + 0.05 * epochs)
+    return final * (0.2 if epoch / epochs <= 0.75 else 0.2 + 0.8 * (epoch / epochs - 0.75) / 0.25)
+
+
+def test_rungs_compare_a_trial_only_with_trials_of_its_schedule_shape(tmp_path):
+    state = str(tmp_path / "rungs.json")
+    s = ScheduleASHA(shares=[0.5], reduction_factor=2, metric="accuracy", mode="max", state_file=state)
+    for i in range(3):  # one_cycle trials set a high bar at half-way
+        assert {s.decide(f"oc{i}", e, 4, accuracy(4, 1.0, e)) for e in range(1, 5)} == {"CONTINUE"}
+    assert flat_cos(4, 1.0, 2) < min(s.records[0.5].values())  # below every one_cycle trial at the rung...
+    good = [s.decide("fc0", e, 4, flat_cos(4, 1.0, e), group="flat_cos") for e in range(1, 5)]
+    assert good == ["CONTINUE"] * 4 and flat_cos(4, 1.0, 4) > accuracy(4, 1.0, 4)  # ...and the best at the end
+    # among flat_cos trials the rule is ASHA's: the weaker one is stopped at the rung
+    weak = [s.decide("fc1", e, 4, flat_cos(4, 0.5, e), group="flat_cos") for e in range(1, 3)]
+    assert weak == ["CONTINUE", "STOP"]
+    # a one_cycle trial is still judged against one_cycle trials only (the flat_cos values are lower)
+    assert s.decide("oc9", 2, 4, accuracy(4, 0.5, 2)) == "STOP"
+    # the shapes come back on resume; a state file from before `sched` has none (all one_cycle)
+    again = ScheduleASHA(shares=[0.5], reduction_factor=2, metric="accuracy", mode="max", state_file=state)
+    assert again.groups == {"fc0": "flat_cos", "fc1": "flat_cos"}
+    assert again.decide("fc2", 2, 4, flat_cos(4, 0.9, 2), group="flat_cos") == "CONTINUE"
+
+
+class _Trial:
+    def __init__(self, trial_id, config):
+        self.trial_id, self.config = trial_id, config
+
+
+def test_on_trial_result_takes_the_shape_from_the_result_or_the_config():
+    s = ScheduleASHA(shares=[0.5], reduction_factor=2, metric="accuracy", mode="max")
+    s.on_trial_result(None, _Trial("a", {}), {"epoch": 2, "epochs": 4, "accuracy": 0.9})
+    s.on_trial_result(None, _Trial("b", {"sched": "flat_cos"}), {"epoch": 2, "epochs": 4, "accuracy": 0.2})
+    assert s.groups == {"b": "flat_cos"}
+    assert s.on_trial_result(None, _Trial("c", {}), {"epoch": 2, "epochs": 4, "accuracy": 0.3,
+                                                     "sched": "flat_cos"}) == "CONTINUE"  # above b, below a
+    assert s.on_trial_result(None, _Trial("d", {}), {"epoch": 2, "epochs": 4, "accuracy": 0.3}) == "STOP"
+
+
 def _best_completed(scheduler) -> tuple[float, list[dict]]:
     tuner = tune.Tuner(synthetic, param_space={"run": tune.grid_search(RUNS)},
                        tune_config=tune.TuneConfig(metric="accuracy", mode="max", scheduler=scheduler,

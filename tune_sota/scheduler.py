@@ -1,4 +1,4 @@
-"""Early stopping that is fair to every schedule length, and the scheduler factory (`search.scheduler`).
+"""Early stopping that is fair to every schedule length and shape, and the scheduler factory (`search.scheduler`).
 
 Stock ASHA judges trials at fixed epoch counts. When `epochs` is searched that compares a long
 one-cycle run in the middle of its schedule (learning rate still high) with a short one that has
@@ -13,6 +13,22 @@ learning-rate peak (25% of the schedule in fastai) a high learning rate looks wo
 best. The rungs are the ASHA geometry on shares, 1/rf, 1/rf^2, ... down to `search.grace`: with the
 default grace 0.5 and rf 2 there is one rung at half of each schedule, past the peak (see the README
 for the measurement behind it).
+
+Schedule shapes (`sched`). A share of the schedule is a phase only within one shape. At half of its
+schedule a one_cycle trial (warm-up to 25%, then a cosine anneal) is a third of the way down its
+anneal, while a flat_cos trial (flat to 75%) is still at its peak learning rate: its accuracy there is
+the noisy one of a high learning rate, and it would lose to one_cycle trials that end no better. So
+a rung compares a trial only with trials of the same `sched` (the trainable reports it with every
+epoch; the trial's config is the fallback): each shape keeps its own rung records and its own
+cutoff, as if it were a separate ASHA over the same shares. The alternative, moving each shape's
+rung to a comparable phase (the same share of the anneal), would put a flat_cos rung at 83% of its
+schedule: at 5 epochs that is the last epoch, and early stopping would save nothing. The price of
+separate records is that each shape's first trials at a rung always go on; a space that searches
+`sched` spends a little more before stopping starts. Within a shape, `pct_start` still moves the
+phase: at the default rung (50%) one_cycle trials with pct_start <= 0.5 are all annealing and
+flat_cos trials with pct_start >= 0.5 are all on their flat part, so spaces keep pct_start on one
+side of the rungs. On the flat part a high learning rate looks worse than it ends, the bias the
+one_cycle rungs avoid by sitting past the peak: the recorded-curves simulator (bench/) measures it.
 
 The rung records are the scheduler's whole state; Ray does not save a scheduler with the experiment,
 so they are written to a JSON file beside the search and read back on resume: a resumed search makes
@@ -36,8 +52,11 @@ class ScheduleASHA(FIFOScheduler):
     """Asynchronous successive halving with rungs at shares of each trial's own schedule.
 
     A trial that reaches a rung is stopped if its metric is below the top 1/rf of the values
-    recorded at that rung so far (ASHA's rule); the first trials at a rung always go on.
+    recorded at that rung so far by trials of the same schedule shape (ASHA's rule, per `sched`);
+    the first trials of a shape at a rung always go on.
     """
+
+    DEFAULT_GROUP = "one_cycle"  # the shape of a trial that reports none (a search from before `sched`)
 
     def __init__(self, *, shares: list[float], reduction_factor: int, state_file: str | None = None,
                  metric: str | None = None, mode: str | None = None):
@@ -45,6 +64,7 @@ class ScheduleASHA(FIFOScheduler):
         self.key, self.direction = metric, mode  # Tune sets them (set_search_properties) when not given
         self.shares, self.rf, self.state_file = sorted(shares), reduction_factor, state_file
         self.records: dict[float, dict[str, float]] = {s: {} for s in self.shares}
+        self.groups: dict[str, str] = {}  # trial id -> its schedule shape, for those not of DEFAULT_GROUP
         self._load()
 
     def __setstate__(self, state):  # unpickled by Tuner.restore: take up the saved rung records
@@ -60,14 +80,21 @@ class ScheduleASHA(FIFOScheduler):
         if self.state_file and Path(self.state_file).is_file():
             saved = json.loads(Path(self.state_file).read_text())
             self.records = {s: dict(saved.get(repr(s), {})) for s in self.shares}
+            self.groups = dict(saved.get("groups", {}))  # absent in the files of searches before `sched`
 
     def _save(self) -> None:
         if self.state_file:
-            write_atomic(Path(self.state_file), json.dumps({repr(s): r for s, r in self.records.items()}, indent=1))
+            state = {**{repr(s): r for s, r in self.records.items()}, "groups": self.groups}
+            write_atomic(Path(self.state_file), json.dumps(state, indent=1))
 
-    def decide(self, trial_id: str, epoch: int, epochs: int, value: float) -> str:
-        """CONTINUE or STOP for a trial that finished `epoch` of `epochs` with `value` (the rule itself,
-        without Ray: what `on_trial_result` applies)."""
+    def group_of(self, trial_id: str) -> str:
+        """The schedule shape a recorded trial was judged with."""
+        return self.groups.get(trial_id, self.DEFAULT_GROUP)
+
+    def decide(self, trial_id: str, epoch: int, epochs: int, value: float, group: str = DEFAULT_GROUP) -> str:
+        """CONTINUE or STOP for a trial that finished `epoch` of `epochs` with `value`, judged against the
+        trials of the same schedule shape `group` (the rule itself, without Ray: what `on_trial_result`
+        applies)."""
         if epochs <= 0 or epoch >= epochs or not math.isfinite(value):
             return TrialScheduler.CONTINUE
         sign = 1.0 if self.direction == "max" else -1.0
@@ -76,21 +103,27 @@ class ScheduleASHA(FIFOScheduler):
             recorded = self.records[share]
             if epoch / epochs + 1e-9 < share or trial_id in recorded:
                 continue
-            if recorded:
-                cutoff = np.percentile([sign * v for v in recorded.values()], (1 - 1 / self.rf) * 100)
+            peers = [sign * v for t, v in recorded.items() if self.group_of(t) == group]
+            if peers:
+                cutoff = np.percentile(peers, (1 - 1 / self.rf) * 100)
                 if sign * value < cutoff:
                     action = TrialScheduler.STOP
             recorded[trial_id] = value
+            if group != self.DEFAULT_GROUP:
+                self.groups[trial_id] = group
             changed = True
         if changed:
             self._save()
         return action
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        """Judge a trial at each rung share it has reached; results of failed epochs are not judged."""
+        """Judge a trial at each rung share it has reached, among trials of its schedule shape (`sched`, as
+        reported, else from its config); results of failed epochs are not judged."""
         if result.get("error") or result.get("diverged") or self.key not in result:
             return TrialScheduler.CONTINUE
-        return self.decide(trial.trial_id, int(result["epoch"]), int(result["epochs"]), float(result[self.key]))
+        group = result.get("sched") or (getattr(trial, "config", None) or {}).get("sched") or self.DEFAULT_GROUP
+        return self.decide(trial.trial_id, int(result["epoch"]), int(result["epochs"]), float(result[self.key]),
+                           group=str(group))
 
     def debug_string(self) -> str:
         return "ScheduleASHA: " + ", ".join(f"{s:.0%} of schedule: {len(r)} recorded" for s, r in self.records.items())

@@ -71,7 +71,8 @@ def _run(config: dict, tta: bool) -> None:
     last = {"epoch": restored.get("epoch", 0), "accuracy": restored.get("accuracy", 0.0)}
     # Where this attempt runs and which epoch it started from: after a lost node, the history shows
     # the retried trial carrying on from its checkpoint rather than from epoch 1.
-    where = {"error": "", "node": ray.get_runtime_context().get_node_id()[:12], "start_epoch": 0}
+    where = {"error": "", "node": ray.get_runtime_context().get_node_id()[:12], "start_epoch": 0,
+             "sched": cfg.sched}  # the schedule shape, which ASHA's rungs compare within (scheduler.py)
     held = {}  # a confirmation's last epoch, reported once its TTA score is known
 
     def report(r: EpochReport, learn) -> None:
