@@ -88,6 +88,7 @@ def test_search_writes_report_and_figures(searched):
     assert f"report: {folder / 'report.html'}" in run.stdout
     page = (folder / "report.html").read_text()
     assert "The answer" in page and page.count("Plotly.newPlot") >= 4
+    assert "Verdict: " in page and "95% interval" in page and "Selection noise: a holdout accuracy" in page
     for name in ("best_so_far", "learning_curves", "accuracy_vs_cost", "importance"):
         with Image.open(folder / "figures" / f"{name}.png") as img:
             assert img.size[0] > 300 and len(img.getcolors(1 << 16) or range(300)) > 20, name  # drawn, not blank

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import optuna
 import pytest
@@ -23,6 +24,10 @@ def test_search_writes_results_and_summary(searched):
     assert "stopped early by ASHA" in run.stdout and "judged on a 20% holdout of train/" in run.stdout
     assert "confirmed on val/ over 2 seed(s)" in run.stdout and "with TTA" in run.stdout
     assert "baseline (chapter 7's plain recipe" in run.stdout and "gain: " in run.stdout
+    # the gain with its uncertainty, and the noise of the trials' holdout accuracies
+    assert re.search(r"verdict: [+-]\d+\.\d points, 95% interval \[[+-]\d+\.\d, [+-]\d+\.\d\] \(Welch's t\): "
+                     r"(better than|worse than|not distinguishable from) the recipe", run.stdout), run.stdout
+    assert re.search(r"selection noise: a holdout accuracy of \d+% on \d+ images has a standard error", run.stdout)
 
 
 def test_a_successful_search_prints_only_its_own_lines(searched):
@@ -88,6 +93,8 @@ def test_optuna_learns_asha_stops_as_pruned(searched):
     confirmed = study.user_attrs["confirmed"]  # the answer is in the study too
     winner = trials[trials.status == "completed"].index[0]
     assert confirmed["winner"]["trial_id"] == winner and "gain_points" in confirmed
+    assert confirmed["gain"]["verdict"] and confirmed["gain"]["low"] <= confirmed["gain"]["points"] <= \
+        confirmed["gain"]["high"]
     assert study.trials[confirmed["winner_number"]].user_attrs[RAY_ID] == winner
 
 
@@ -127,6 +134,10 @@ def test_best_config_exports_and_retrains(searched):
     assert result["winner"]["accuracy_std"] == pytest.approx(mine.accuracy.std())
     assert result["baseline"]["tta_mean"] == pytest.approx(base.tta_accuracy.mean())
     assert result["gain_points"] == pytest.approx(100 * (mine.accuracy.mean() - base.accuracy.mean()))
+    low, high = result["gain_interval_points"]
+    assert low < result["gain_points"] < high and result["verdict"] in result["gain_statement"]
+    noise = result["selection_noise"]  # 20% of the fixture's 36 train images, stratified
+    assert 6 <= noise["n_valid"] <= 9 and noise["se_points"] > 0 and "selection noise" in noise["statement"]
     assert result["cost"]["search_trial_s"] > 0 and result["cost"]["confirm_trial_s"] > 0
     assert result["versions"]["ray"]
     cfg = parse_space(best).fixed()  # a config is a space with nothing left to sample

@@ -185,7 +185,7 @@ def _counts(o, what: str = "done in") -> None:
 
 
 def _summary(o) -> None:
-    from tune_sota import results
+    from tune_sota import results, uncertainty
 
     _counts(o)
     for _, row in o.trials[o.trials.status.isin([results.ERROR, results.DIVERGED])].iterrows():
@@ -220,7 +220,12 @@ def _summary(o) -> None:
                   f"for {results.clock(o.trials.time_s.sum())} of trials and {results.clock(a['confirm_s'])} of "
                   f"confirmation "
                   f"({results.clock(cost)} of trial-time in all)")
+            if a.get("gain"):
+                print(f"  verdict: {uncertainty.gain_line(a['gain'])}")
     print(f"  {values}")
+    noise = uncertainty.selection_noise(o.trials)
+    if noise:
+        print(f"  {uncertainty.selection_line(noise, o.select_on)}")
     for note in _edges(o):
         print(f"  note: {note}")
     if o.select_on == "val":

@@ -5,7 +5,8 @@ choice of a maximum, and by one seed. So the best `confirm_top` trials' configs 
 train/ with `confirm_seeds` seeds each and scored on val/ (touched by nothing before), plainly and with
 test-time augmentation; beside them runs the baseline (the space's `baseline:`, chapter 7's plain
 recipe by default) with the same seeds and the same epochs. The winner is the best confirmed mean, and
-the gain is its mean minus the baseline's, in points.
+the gain is its mean minus the baseline's, in points, with its 95% interval and a verdict
+(`uncertainty.gain`).
 
 The runs are a second Ray Tune experiment (`confirm/` inside the search's), with the trials'
 resources: they spread over a cluster in parallel, checkpoint every epoch, and a resumed search
@@ -19,7 +20,7 @@ import math
 import pandas as pd
 from ray import tune
 
-from tune_sota import results, trainable
+from tune_sota import results, trainable, uncertainty
 from tune_sota.config import Config, Space
 
 CANDIDATE, BASELINE = "candidate", "baseline"
@@ -88,8 +89,8 @@ def _stats(runs: pd.DataFrame) -> dict:
 
 
 def answer(confirm: pd.DataFrame) -> dict | None:
-    """The winner (best confirmed mean), its baseline at the same epochs, and the gain in points; None
-    when no candidate run succeeded."""
+    """The winner (best confirmed mean), its baseline at the same epochs, and the gain in points (`gain`:
+    its interval and verdict); None when no candidate run succeeded."""
     cands = confirm[(confirm.role == CANDIDATE) & (confirm.error.fillna("") == "")]
     if cands.empty:
         return None
@@ -102,5 +103,7 @@ def answer(confirm: pd.DataFrame) -> dict | None:
     if out["baseline"] is not None:
         out["gain_points"] = 100 * (winner["accuracy_mean"] - out["baseline"]["accuracy_mean"])
         out["gain_tta_points"] = 100 * (winner["tta_mean"] - out["baseline"]["tta_mean"])
+        ok = runs[runs.error.fillna("") == ""], base_runs[base_runs.error.fillna("") == ""]
+        out["gain"] = uncertainty.gain(list(ok[0].accuracy), list(ok[1].accuracy))  # interval, verdict, seeds
     out["confirm_s"] = float(confirm.time_s.sum())
     return out

@@ -387,6 +387,10 @@ def answer_html(s: Search) -> str:
                          f"{html.escape(first)}); see confirm.csv.</p>")
     if r.get("note"):
         paras.append(f"<p class='note'>{html.escape(str(r['note']))}</p>")
+    noise = r.get("selection_noise")
+    if isinstance(noise, dict) and noise.get("statement"):  # uncertainty.selection_line, written by the search
+        text = str(noise["statement"])
+        paras.append(f"<p class='note'>{html.escape(text[:1].upper() + text[1:])}.</p>")
     if s.searched and s.best_values:
         paras.insert(0, "<p class='config'>" + html.escape("  ".join(
             f"{k}={_fmt(s.best_values.get(k))}" for k in s.searched)) + "</p>")
@@ -402,6 +406,8 @@ def answer_html(s: Search) -> str:
             f"({_seeds(b)})</p>",
             f"<p class='big'>Gain: <b>{_signed(r.get('gain_points'))}</b> points, {_signed(r.get('gain_tta_points'))} "
             "with TTA</p>"]
+        if r.get("gain_statement"):  # the gain's 95% interval and verdict (uncertainty.gain_line)
+            head.append(f"<p class='big'>Verdict: {html.escape(str(r['gain_statement']))}.</p>")
     elif r.get("accuracy") is not None:
         tta = f", with TTA <b>{r['tta_accuracy']:.4f}</b>" if r.get("tta_accuracy") is not None else ""
         epochs = f" after {r['epochs_run']} epochs" if r.get("epochs_run") else ""

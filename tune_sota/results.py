@@ -110,6 +110,7 @@ def tables(grid, searched: list[str], *, finished: bool, open_ids=(), open_statu
             "time_s": round(float(m.get("time_total_s", math.nan)), 1),
             "error": error,
             "node": m.get("node", ""),
+            "n_valid": m.get("n_valid", math.nan),  # images each accuracy was measured on
             "path": str(result.path),
         })
     trials = pd.DataFrame(rows)

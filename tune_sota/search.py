@@ -25,6 +25,7 @@ from tune_sota import cluster, confirm, model, preflight, results, runstate, sch
 from tune_sota.config import Config, Dist, Space, parse_space, plain, space_to_yaml, write_atomic
 from tune_sota.progress import Progress, tracker_callbacks
 from tune_sota.report import write_quietly
+from tune_sota.uncertainty import gain_line, selection_line, selection_noise
 
 METRIC, MODE = "accuracy", "max"
 log = logging.getLogger(__name__)
@@ -346,9 +347,16 @@ def _result_block(space: Space, row: dict, answer: dict | None, trials: pd.DataF
         block.update(accuracy=w["accuracy_mean"], tta_accuracy=w["tta_mean"],
                      winner={k: v for k, v in w.items() if k not in ("trial_id", "checkpoint")}, baseline=b,
                      gain_points=answer.get("gain_points"), gain_tta_points=answer.get("gain_tta_points"))
+        if answer.get("gain"):  # the gain's 95% interval, verdict and the seeds that would resolve it
+            g = answer["gain"]
+            block.update(gain_interval_points=[g["low"], g["high"]], verdict=g["verdict"],
+                         seeds_to_resolve=g["seeds_to_resolve"], gain_statement=gain_line(g))
     else:
         why = "confirm_top 0" if not s.confirm_top else "every confirmation run failed: see confirm.csv"
         block.update(accuracy=row["accuracy"], tta_accuracy=None, note=f"not confirmed ({why})")
+    noise = selection_noise(trials)
+    if noise:
+        block["selection_noise"] = {**noise, "statement": selection_line(noise, s.select_on)}
     block.update(cost={"search_trial_s": float(trials.time_s.sum()),
                        "confirm_trial_s": answer["confirm_s"] if answer else 0.0, "wall_s": wall_s},
                  command=command, checkpoint=row.get("path", ""), versions=versions())

@@ -76,7 +76,7 @@ def _run(config: dict, tta: bool) -> None:
     held = {}  # a confirmation's last epoch, reported once its TTA score is known
 
     def report(r: EpochReport, learn) -> None:
-        metrics = r.row(**where)
+        metrics = r.row(**where, n_valid=len(learn.dls.valid.dataset))  # for the selection noise (uncertainty)
         if r.diverged:  # no checkpoint of a model that has gone to NaN
             tune.report({**metrics, "accuracy": 0.0})
             return
