@@ -221,7 +221,7 @@ def _summary(o) -> None:
                   f"confirmation "
                   f"({results.clock(cost)} of trial-time in all)")
             if a.get("gain"):
-                print(f"  verdict: {uncertainty.gain_line(a['gain'])}")
+                print(f"  verdict (plain accuracy, without TTA): {uncertainty.gain_line(a['gain'])}")
     print(f"  {values}")
     noise = uncertainty.selection_noise(o.trials)
     if noise:
