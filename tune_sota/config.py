@@ -203,8 +203,9 @@ class SearchSettings:
     num_samples: int = _opt(8, "trials to run", _between(1, 100000))
     max_concurrent: int = _opt(0, "trials running at once; 0 = as many as the resources allow", _at_least(0))
     scheduler: str = _opt("asha", "early stopping: 'asha' compares trials at the same share of their own "
-                          "one-cycle schedule; 'fifo' stops nothing; 'ray-asha' is Ray's stock ASHA on epoch "
-                          "counts (not fair to searched epochs; for comparison)", _one_of(*SCHEDULERS))
+                          "schedule, and only with trials of the same sched; 'fifo' stops nothing; 'ray-asha' is "
+                          "Ray's stock ASHA on epoch counts (not fair to searched epochs; for comparison)",
+                          _one_of(*SCHEDULERS))
     grace: float = _opt(0.5, "ASHA: share of its schedule a trial runs before it can be stopped; rungs sit at "
                         "1/rf, 1/rf^2... of each schedule down to this share", _between(0.01, 0.99))
     reduction_factor: int = _opt(2, "ASHA: keep the top 1/N at each rung", _between(2, 100))
