@@ -108,7 +108,9 @@ class Config:
 
     data: str = _opt("digits", "'digits' (offline, ships with scikit-learn), imagenette2-160|-320, "
                      "imagenette2, imagewoof2-160|-320, imagewoof2, or a folder with train/ and val/", _data)
-    arch: str = _opt("xresnet50", "model, trained from scratch", _one_of(*ARCHS))
+    arch: str = _opt("xresnet50", "model, trained from scratch: chapter 7's xresnet, or fastai's ResNeXt with "
+                     "squeeze-and-excitation (xse_) or without; width narrows the ResNeXt groups too (recipe)",
+                     _one_of(*ARCHS))
     width: float = _opt(1.0, "channel-width multiplier; below 1 keeps CPU runs small", _between(0.0625, 4))
     act: str = _opt("relu", "activation in xresnet's layers: relu (chapter 7's) or mish (the Imagenette "
                     "leaderboard's)", _one_of("relu", "mish"))
