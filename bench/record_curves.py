@@ -49,7 +49,7 @@ REPLICATE_SEED = 1000  # a replicate trains with its original's seed + this
 # which gzip makes nearly free and which keeps the table one flat file.
 EPOCH_COLUMNS = ["epoch", "size", "accuracy", "train_loss", "valid_loss", "epoch_s", "cpu_s"]
 TRIAL_COLUMNS = ["chunk", "trial_id", "replicate_of", "seed", "status", "epochs", "val_accuracy", "val_tta",
-                 "score_s"]
+                 "score_s", "score_cpu_s"]
 log = logging.getLogger("record_curves")
 
 
@@ -73,11 +73,11 @@ def _score(job: dict) -> dict:
     """Score one final checkpoint on val/, plainly and with TTA (in a worker process)."""
     from tune_sota import recipe
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cfg = Config(**{**job["config"], "holdout": 0.0})
     s = recipe.evaluate(cfg, Path(job["state"]).read_bytes(), cpus=1, tta=True)
     return {"trial_id": job["trial_id"], "val_accuracy": s["accuracy"], "val_tta": s["tta_accuracy"],
-            "score_s": time.perf_counter() - t0}
+            "score_s": time.perf_counter() - t0, "score_cpu_s": time.process_time() - c0}
 
 
 def _replicate(job: dict) -> dict:
@@ -88,11 +88,12 @@ def _replicate(job: dict) -> dict:
     cfg = Config(**{**job["config"], "seed": job["seed"]})
     learn = recipe.train(cfg, cpus=1, on_epoch=lambda r, _learn: rows.append(r.row()))
     out = {"trial_id": job["trial_id"], "replicate_of": job["replicate_of"], "seed": job["seed"], "rows": rows,
-           "val_accuracy": math.nan, "val_tta": math.nan, "score_s": math.nan}
+           "val_accuracy": math.nan, "val_tta": math.nan, "score_s": math.nan, "score_cpu_s": math.nan}
     if rows and not rows[-1]["diverged"]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         s = recipe.evaluate(Config(**{**cfg.to_dict(), "holdout": 0.0}), recipe.save_state(learn, cfg.epochs), cpus=1)
-        out.update(val_accuracy=s["accuracy"], val_tta=s["tta_accuracy"], score_s=time.perf_counter() - t0)
+        out.update(val_accuracy=s["accuracy"], val_tta=s["tta_accuracy"], score_s=time.perf_counter() - t0,
+                   score_cpu_s=time.process_time() - c0)
     return out
 
 
@@ -157,7 +158,7 @@ def record_chunk(entry: dict, work: Path, manifest: dict, *, replicate: float, o
             **{k: cfg[k] for k in searched}, "chunk": name, "trial_id": row.trial_id, "replicate_of": "",
             "seed": cfg.get("seed", Config.seed), "status": row.status, "epochs": cfg["epochs"],
             "val_accuracy": s.get("val_accuracy", math.nan), "val_tta": s.get("val_tta", math.nan),
-            "score_s": s.get("score_s", math.nan)}))
+            "score_s": s.get("score_s", math.nan), "score_cpu_s": s.get("score_cpu_s", math.nan)}))
     for r in reps:
         h = pd.DataFrame(r["rows"]).reindex(columns=[*EPOCH_COLUMNS, "diverged"])
         status = results.DIVERGED if h.diverged.any() else results.COMPLETED
@@ -165,7 +166,8 @@ def record_chunk(entry: dict, work: Path, manifest: dict, *, replicate: float, o
         frames.append(h.drop(columns="diverged").assign(**{
             **{k: cfg[k] for k in searched}, "chunk": name, "trial_id": r["trial_id"],
             "replicate_of": r["replicate_of"], "seed": r["seed"], "status": status, "epochs": cfg["epochs"],
-            "val_accuracy": r["val_accuracy"], "val_tta": r["val_tta"], "score_s": r["score_s"]}))
+            "val_accuracy": r["val_accuracy"], "val_tta": r["val_tta"], "score_s": r["score_s"],
+            "score_cpu_s": r.get("score_cpu_s", math.nan)}))
     values = [k for k in searched if k not in TRIAL_COLUMNS]  # `epochs` is both searched and a trial column
     table = pd.concat(frames, ignore_index=True)[[*TRIAL_COLUMNS, *values, *EPOCH_COLUMNS]]
     write_atomic(cdir / "chunk.csv", table.to_csv(index=False))
@@ -206,11 +208,11 @@ def readme(manifest: dict, table: pd.DataFrame) -> str:
              "Written by `bench/record_curves.py` (do not edit: it rewrites this file after each chunk). The "
              "table `curves.csv.gz` has one row per trial per epoch: the chunk and trial, `replicate_of` (the trial "
              "a seed replicate repeats; empty for a search trial), the seed, the status, the planned `epochs`, the "
-             "final model's accuracy on val/ plainly (`val_accuracy`) and with TTA (`val_tta`) and the seconds that "
-             "scoring took, the searched values, then per epoch: the training `size`, holdout `accuracy` (what "
-             "a search judges on; validated at the final size), `train_loss`, `valid_loss`, wall seconds "
-             "`epoch_s` and CPU seconds `cpu_s` of the trial's process (wall seconds count the neighbours on a "
-             "shared machine; CPU seconds do not).", "",
+             "final model's accuracy on val/ plainly (`val_accuracy`) and with TTA (`val_tta`) and the wall and CPU "
+             "seconds that scoring took (`score_s`, `score_cpu_s`), the searched values, then per epoch: the "
+             "training `size`, holdout `accuracy` (what a search judges on; validated at the final size), "
+             "`train_loss`, `valid_loss`, wall seconds `epoch_s` and CPU seconds `cpu_s` of the trial's process "
+             "(wall seconds count the neighbours on a shared machine; CPU seconds do not).", "",
              "The space is `space.yaml` beside this file (each chunk's exact copy, with its seed, is its "
              "`space.yaml` in the work folder). Search trials ran through `tune_sota.search.run` (Ray Tune, "
              "scheduler fifo, searcher random, 2 trials of 1 CPU at once); replicates ran `recipe.train` directly "
@@ -267,6 +269,14 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"record_curves: {e}", file=sys.stderr)
         return 2
+    except runstate.SearchInterrupted as stopped:  # Ctrl-C or SIGTERM: the product saved the search
+        print(f"record_curves: {stopped.outcome.name} interrupted; finish it with: {command().split(' --')[0]} "
+              f"--resume" + (f" --work {args.work}" if args.work != "results/curves" else "")
+              + (f" --out {args.out}" if args.out != str(OUT) else ""), file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:  # during the scoring or the replicates: what is done is in the work folder
+        print("record_curves: interrupted; finish the chunk with --resume (same --work and --out)", file=sys.stderr)
+        return 130
     table = write_table(work, manifest, Path(args.out))
     log.info("table: %s (%d rows, %d trials); README: %s", Path(args.out) / "curves.csv.gz", len(table),
              table.trial_id.nunique() if len(table) else 0, Path(args.out) / "README.md")
