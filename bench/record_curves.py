@@ -97,6 +97,18 @@ def _replicate(job: dict) -> dict:
     return out
 
 
+def _safe(job: dict) -> dict:
+    """Run `job["fn"]` (_score or _replicate), a raised error recorded rather than raised: a job that
+    fails would fail again on every --resume."""
+    fn = {"_score": _score, "_replicate": _replicate}[job["fn"]]
+    try:
+        return fn(job)
+    except Exception as e:
+        return {"trial_id": job["trial_id"], "replicate_of": job.get("replicate_of", ""), "rows": [],
+                "val_accuracy": math.nan, "val_tta": math.nan, "score_s": math.nan, "score_cpu_s": math.nan,
+                "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+
+
 def _run_jobs(fn, jobs: list[dict], done_file: Path, processes: int) -> list[dict]:
     """Run `fn` over `jobs` in `processes` workers, appending each answer to `done_file` (JSON lines) as it
     comes; jobs already there (an interrupted chunk) are not run again."""
@@ -106,12 +118,12 @@ def _run_jobs(fn, jobs: list[dict], done_file: Path, processes: int) -> list[dic
     if todo:
         ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
         with ctx.Pool(min(processes, len(todo)), maxtasksperchild=None) as pool, open(done_file, "a") as fh:
-            for answer in pool.imap_unordered(fn, todo):
+            for answer in pool.imap_unordered(_safe, [{**j, "fn": fn.__name__} for j in todo]):
                 fh.write(json.dumps(answer, default=float) + "\n")
                 fh.flush()
                 done.append(answer)
-                log.info("%s: %s done (%d/%d)", fn.__name__.strip("_"), answer["trial_id"],
-                         len(done), len(jobs))
+                log.info("%s: %s %s (%d/%d)", fn.__name__.strip("_"), answer["trial_id"],
+                         f"failed: {answer['error']}" if answer.get("error") else "done", len(done), len(jobs))
     return done
 
 
@@ -156,16 +168,17 @@ def record_chunk(entry: dict, work: Path, manifest: dict, *, replicate: float, o
         cfg = configs[row.trial_id]
         frames.append(h.reindex(columns=EPOCH_COLUMNS).assign(**{
             **{k: cfg[k] for k in searched}, "chunk": name, "trial_id": row.trial_id, "replicate_of": "",
-            "seed": cfg.get("seed", Config.seed), "status": row.status, "epochs": cfg["epochs"],
+            "seed": cfg.get("seed", Config.seed), "status": row.status, "epochs": cfg.get("epochs", Config.epochs),
             "val_accuracy": s.get("val_accuracy", math.nan), "val_tta": s.get("val_tta", math.nan),
             "score_s": s.get("score_s", math.nan), "score_cpu_s": s.get("score_cpu_s", math.nan)}))
     for r in reps:
         h = pd.DataFrame(r["rows"]).reindex(columns=[*EPOCH_COLUMNS, "diverged"])
-        status = results.DIVERGED if h.diverged.any() else results.COMPLETED
+        status = results.ERROR if r.get("error") else results.DIVERGED if h.diverged.any() else results.COMPLETED
         cfg = configs[r["replicate_of"]]
         frames.append(h.drop(columns="diverged").assign(**{
             **{k: cfg[k] for k in searched}, "chunk": name, "trial_id": r["trial_id"],
-            "replicate_of": r["replicate_of"], "seed": r["seed"], "status": status, "epochs": cfg["epochs"],
+            "replicate_of": r["replicate_of"], "seed": r["seed"], "status": status,
+            "epochs": cfg.get("epochs", Config.epochs),
             "val_accuracy": r["val_accuracy"], "val_tta": r["val_tta"], "score_s": r["score_s"],
             "score_cpu_s": r.get("score_cpu_s", math.nan)}))
     values = [k for k in searched if k not in TRIAL_COLUMNS]  # `epochs` is both searched and a trial column
