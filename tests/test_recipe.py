@@ -24,6 +24,7 @@ def test_progressive_resizing_with_validation_at_final_size(image_folder, pipeli
         assert any(isinstance(cb, MixUp) for cb in learn.cbs)
         assert isinstance(learn.loss_func, LabelSmoothingCrossEntropyFlat)
         assert 0 <= r.accuracy <= 1 and r.valid_loss > 0 and not r.diverged
+        assert 0 < r.cpu_s < r.epoch_s * 4  # the process's CPU seconds of the epoch (a few threads at most)
 
     recipe.train(cfg, cpus=1, on_epoch=on_epoch)
     assert seen == [(1, 8, 8, 16), (2, 12, 12, 16), (3, 16, 16, 16)]

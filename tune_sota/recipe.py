@@ -60,7 +60,7 @@ class EpochEnd(Callback):
         self.on_epoch, self.start_epoch, self.diverged = on_epoch, start_epoch, False
 
     def before_epoch(self):
-        self.t0 = time.perf_counter()
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
     def after_batch(self):
         if self.training and not math.isfinite(self.learn.loss.item()):
@@ -75,7 +75,7 @@ class EpochEnd(Callback):
         report = EpochReport(
             epoch=self.epoch + 1, epochs=self.n_epoch, size=getattr(self.learn, "train_size", 0),
             train_loss=float(train_loss), valid_loss=float(valid_loss), accuracy=float(acc),
-            epoch_s=time.perf_counter() - self.t0, diverged=self.diverged,
+            epoch_s=time.perf_counter() - self.t0, diverged=self.diverged, cpu_s=time.process_time() - self.cpu0,
         )
         if self.on_epoch:
             self.on_epoch(report, self.learn)

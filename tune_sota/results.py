@@ -33,6 +33,9 @@ class EpochReport:
     accuracy: float
     epoch_s: float
     diverged: bool = False
+    # CPU seconds of the training process in this epoch (all its threads): on a shared machine wall
+    # seconds measure the neighbours too; bench/record_curves.py records both.
+    cpu_s: float = math.nan
 
     def row(self, **extra) -> dict:
         """The report as a flat metrics dict, with `extra` columns (error, node, start_epoch...)."""

@@ -1,0 +1,240 @@
+"""What is the search worth? Replays searches on the recorded learning curves (bench/curves/curves.csv.gz,
+from bench/record_curves.py) with tune_sota.simulator: the product's own ScheduleASHA and StudySearcher
+(and Ray's stock ASHA and OptunaSearch) decide, a surrogate fitted on the table trains, a simulated
+clock counts the compute.
+
+    python bench/simulate.py --seeds 20                 # the figures and, last, the ratio line
+    python bench/simulate.py --seeds 50 --record        # ...and append them to bench/RESULTS.md
+    python bench/simulate.py --synthetic 80 --seeds 5   # a dry run on a made-up table (no recording needed)
+
+For each setting (trials x workers, default the shipped spaces' 12x2 and 32x4) and method, `--seeds`
+searches are simulated, each run on to `--extend` times its trial budget so that a slow method still
+shows when it gets within 1 point. Reported over seeds as an interquartile mean with a bootstrap 95%
+interval (rliable's aggregate): the regret of the chosen config (its predicted val/ accuracy below the
+best in the space, in points) once the budget's trials have ended, the compute that took, and the
+compute until the choice first came within 1 point. Then the rungs: a single ScheduleASHA rung at each
+share tried, with random proposals (identical with and without the rung), how often it cuts the trial
+FIFO would have chosen, what that costs in regret and what it saves. Figures go to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH, record, table  # noqa: E402
+
+from tune_sota import simulator as sim  # noqa: E402
+from tune_sota.config import load_space  # noqa: E402
+
+DEFAULT_METHODS = "random,tune_sota,tpe,random+asha,tpe+ray-asha,ray-optuna+asha"
+TARGET = 0.01  # "within 1 point"
+GRID = 60  # points of the anytime curves
+MODEL: sim.Surrogate | None = None  # set in the parent before the pool forks: every worker shares it
+
+
+def _job(args: tuple) -> dict:
+    """One simulated search (in a worker)."""
+    kind, setting, name, method, seed, trials, workers, budget = args
+    run = sim.simulate(MODEL, method, seed=seed, workers=workers, trials=trials)
+    to_target = run.compute_to(TARGET)
+    censored = not math.isfinite(to_target)  # never within 1 point: all it spent is a lower bound
+    out = {"kind": kind, "setting": setting, "method": name, "seed": seed, "regret": run.regret_after(budget),
+           "compute": run.compute_after(budget), "censored": censored,
+           "to_target": float(run.events[-1, 0]) if censored else to_target,
+           "stopped": sum(t["stopped"] for t in run.trials if t["n"] < budget) / budget, "events": run.events}
+    # (the searcher, with its study, stays here: it does not pickle back to the parent)
+    if kind == "rung":
+        out["trials"] = run.trials
+    return out
+
+
+def parse_settings(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+
+
+def method_table(res: pd.DataFrame, methods: list[str], budget: int) -> tuple[str, dict]:
+    """The markdown table of one setting, and each method's compute-to-target values."""
+    rows, to_target = [], {}
+    base = res[res.method == "random"].compute.median() if "random" in methods else math.nan
+    for name in methods:
+        r = res[res.method == name]
+        reg = sim.iqm_interval(100 * r.regret.to_numpy())
+        tt = sim.iqm_interval(r.to_target.to_numpy())
+        to_target[name] = r.to_target.to_numpy()
+        within = float(np.mean(r.regret <= TARGET + 1e-12))
+        rows.append([name, f"{sim.METHODS[name].scheduler} / {sim.METHODS[name].searcher}",
+                     f"{reg[0]:.2f} [{reg[1]:.2f}, {reg[2]:.2f}]", f"{within:.0%}",
+                     f"{r.compute.median():,.0f}" + (f" ({r.compute.median() / base:.2f})" if base == base else ""),
+                     f"{r.stopped.mean():.0%}", _fmt_interval(tt), f"{int(r.censored.sum())}/{len(r)}"])
+    return table(["method", "scheduler / searcher", f"regret at {budget} trials, points (IQM [95%])",
+                  "seeds within 1 point", "trial-s spent (median; of random's)", "trials stopped",
+                  "trial-s to within 1 point (IQM [95%])", "seeds never within 1 point"], rows), to_target
+
+
+def _num(x: float, fmt: str = ",.0f") -> str:
+    return "never" if not math.isfinite(x) else format(x, fmt)
+
+
+def _fmt_interval(v: tuple[float, float, float]) -> str:
+    return f"{_num(v[0])} [{_num(v[1])}, {_num(v[2])}]"
+
+
+def anytime_figure(res: pd.DataFrame, methods: list[str], title: str, path: Path) -> None:
+    """IQM regret of the current choice over trial-seconds, with bootstrap 95% bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = np.nanmedian([r.events[-1, 0] for r in res[res.method == "random"].itertuples()] or
+                       [r.events[-1, 0] for r in res.itertuples()])
+    grid = np.linspace(0, top, GRID)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, name in enumerate(methods):
+        curves = np.array([100 * sim.Run(r.events).regret_at(grid) for r in res[res.method == name].itertuples()])
+        mid = np.array([sim.iqm(c) for c in curves.T])
+        band = np.array([sim.iqm_interval(c, reps=500)[1:] for c in curves.T])
+        ok = np.isfinite(mid)
+        line, = ax.plot(grid[ok], mid[ok], label=name, ls=("-", "--", "-.", ":")[i % 4])  # equal curves stay visible
+        both = ok & np.all(np.isfinite(band), axis=1)
+        ax.fill_between(grid[both], band[both, 0], band[both, 1], color=line.get_color(), alpha=0.15)
+    ax.axhline(100 * TARGET, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("simulated compute (trial-seconds)")
+    ax.set_ylabel("regret of the current choice (points, IQM)")
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def rung_table(res: pd.DataFrame, shares: list[float]) -> str:
+    """How often a single rung at each share cuts the trial FIFO would choose, and what it costs."""
+    fifo = {r.seed: r for r in res[res.method == "fifo"].itertuples()}
+    rows = []
+    for share in shares:
+        cut, cost, saved = [], [], []
+        for r in res[res.method == f"rung {share:.2f}"].itertuples():
+            f = fifo[r.seed]
+            done = [t for t in f.trials]
+            best = max(done, key=lambda t: t["final"])  # FIFO's choice: the best final holdout accuracy
+            mine = next(t for t in r.trials if t["n"] == best["n"])
+            cut.append(mine["stopped"])
+            cost.append(100 * (r.regret - f.regret))
+            saved.append(1 - r.compute / f.compute)
+        c = sim.iqm_interval(cost) if cost else (math.nan,) * 3
+        rows.append([f"{share:.0%}", f"{np.mean(cut):.0%}", f"{np.mean(cost):+.2f} (IQM {c[0]:+.2f} "
+                     f"[{c[1]:+.2f}, {c[2]:+.2f}])", f"{np.mean(saved):.0%}"])
+    return table(["rung at share of schedule", "FIFO's choice cut", "regret cost, points (mean; IQM [95%])",
+                  "compute saved"], rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=20, help="searcher seeds per method and setting (default 20)")
+    ap.add_argument("--first-seed", type=int, default=0, help="the first searcher seed (default 0)")
+    ap.add_argument("--table", default=str(BENCH / "curves" / "curves.csv.gz"))
+    ap.add_argument("--space", default=str(BENCH / "curves" / "space.yaml"))
+    ap.add_argument("--synthetic", type=int, default=0, metavar="N",
+                    help="simulate on a made-up table of N configs instead (a dry run; figures mean nothing)")
+    ap.add_argument("--settings", default="12x2,32x4", help="trials x workers, comma-separated (default 12x2,32x4)")
+    ap.add_argument("--methods", default=DEFAULT_METHODS,
+                    help=f"of {', '.join(sim.METHODS)} (default {DEFAULT_METHODS}; gp+asha is slow)")
+    ap.add_argument("--extend", type=float, default=3.0,
+                    help="each search runs on to this many times its trials, for compute-to-within-1-point")
+    ap.add_argument("--rungs", default="0.25,0.33,0.5,0.75", help="rung shares to analyse ('' for none)")
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--out", default=str(BENCH / "curves" / "sim"), help="where the figures go")
+    ap.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    t0 = time.perf_counter()
+    if args.synthetic:
+        space, frame = sim.synthetic_space(), sim.synthetic_table(args.synthetic, seed=args.first_seed)
+        source = f"a synthetic table of {args.synthetic} configs (tune_sota.simulator.synthetic_table): a dry run"
+    else:
+        if not Path(args.table).is_file():
+            sys.exit(f"simulate.py: no table at {args.table}; record one with bench/record_curves.py, or give "
+                     f"--synthetic N for a dry run on a made-up table")
+        space = load_space(args.space)
+        frame = pd.read_csv(args.table, dtype={"trial_id": str, "replicate_of": str, "resize": str})
+        source = f"{args.table}"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in sim.METHODS]
+    if unknown:
+        sys.exit(f"simulate.py: unknown method {', '.join(unknown)}; use {', '.join(sim.METHODS)}")
+    trials_n = frame.drop_duplicates("trial_id")
+    n_rep = int((trials_n.replicate_of.fillna("") != "").sum()) if "replicate_of" in trials_n else 0
+    global MODEL
+    MODEL = sim.Surrogate(frame, space, seed=0)
+    rho, n_held = sim.heldout_spearman(frame, space)
+    noise = MODEL.noise
+    lines = [f"- table: {source}; {len(trials_n) - n_rep} trials and {n_rep} seed replicates, {len(frame)} epoch "
+             f"rows; searched: {', '.join(space.searched)}",
+             f"- surrogate: random forests (tune_sota/simulator.py); Spearman of predicted and recorded val/ "
+             f"accuracy on held-out configs (5-fold): {rho:.2f} over {n_held} configs; noise from "
+             f"{noise.get('pairs', 0)} replicate pairs: seed offset {noise['seed']:.4f}, epoch jitter "
+             f"{noise['epoch']:.4f}; best predicted val/ accuracy in the space {MODEL.best:.4f}",
+             f"- {args.seeds} searcher seeds from {args.first_seed} per method and setting; each search runs on to "
+             f"{args.extend:g}x its trials; compute is simulated trial-seconds (the table's CPU seconds per epoch)"]
+    settings = parse_settings(args.settings)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    jobs = [("method", f"{n}x{w}", name, sim.METHODS[name], s, int(round(n * args.extend)), w, n)
+            for n, w in settings for name in methods for s in seeds]
+    shares = [float(v) for v in args.rungs.split(",") if v.strip()]
+    n0, w0 = settings[0]
+    if shares:
+        jobs += [("rung", f"{n0}x{w0}", "fifo", sim.Method("random", "fifo"), s, n0, w0, n0) for s in seeds]
+        jobs += [("rung", f"{n0}x{w0}", f"rung {sh:.2f}", sim.Method("random", "rungs", shares=(sh,)), s, n0, w0, n0)
+                 for sh in shares for s in seeds]
+    ctx = multiprocessing.get_context("fork")  # the workers share the fitted surrogate
+    with ctx.Pool(args.processes) as pool:
+        res = pd.DataFrame(pool.map(_job, jobs, chunksize=4))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    body, ratio = ["\n".join(lines)], None
+    for n, w in settings:
+        r = res[(res.kind == "method") & (res.setting == f"{n}x{w}")]
+        text, to_target = method_table(r, methods, n)
+        fig = out / f"anytime_{n}x{w}.png"
+        anytime_figure(r, methods, f"{n} trials, {w} workers: IQM regret over {args.seeds} seeds, 95% bands", fig)
+        shown = fig.relative_to(BENCH.parent) if fig.is_relative_to(BENCH.parent) else fig
+        body.append(f"**{n} trials, {w} workers** (figure: {shown})\n\n{text}")
+        if ratio is None and "tune_sota" in to_target and "random" in to_target:
+            ratio = (n, w, sim.ratio_interval(to_target["tune_sota"], to_target["random"]))
+            censored = {m: int(r[r.method == m].censored.sum()) for m in ("tune_sota", "random")}
+    if shares:
+        rr = res[res.kind == "rung"]
+        body.append(f"**Rungs** ({n0} trials, {w0} workers, random proposals; one ScheduleASHA rung, rf 2; "
+                    f"'FIFO's choice': the trial with the best final holdout accuracy had none been cut)\n\n"
+                    + rung_table(rr, shares))
+    body.append(f"- simulated {len(jobs)} searches in {time.perf_counter() - t0:.0f} s ({args.processes} processes)")
+    if ratio is not None:
+        n, w, (pt, lo, hi) = ratio
+        body.append(f"- the ratio below: IQM over seeds of the trial-seconds until the choice came within 1 point, "
+                    f"tune_sota's over random's, at {n} trials and {w} workers (bootstrap 95% interval); a seed "
+                    f"that never came within 1 point counts with all it spent ({args.extend:g}x the trials), a "
+                    f"lower bound: {censored['tune_sota']} such seed(s) of tune_sota, {censored['random']} of "
+                    f"random")
+        pt, lo, hi = (_num(v, ".2f") for v in (pt, lo, hi))
+        body.append(f"compute to within 1 point: tune_sota {pt} [{lo}, {hi}] of random's")
+    text = "\n\n".join(body)
+    print(text)
+    if args.record:
+        record("simulate: what the search is worth, replayed on recorded curves", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
