@@ -56,6 +56,7 @@ class Check:
     gpu: bool
     machine: list[tuple[str, str]]
     model: str
+    pipeline: str = "cached"
     rounds: list[Round] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -217,7 +218,7 @@ def run(space: Space | None = None, *, seconds: float | None = None, rounds=ROUN
         _prepare(cfg)
         model = (f"{cfg.arch} width {cfg.width:g} at {cfg.size} px, batch {cfg.batch_size}, {cfg.pipeline} pipeline, "
                  f"precision {cfg.precision}" + ("" if gpu else " (a tiny stand-in: no GPU)"))
-        check = Check(gpu=gpu, machine=rows, model=model)
+        check = Check(gpu=gpu, machine=rows, model=model, pipeline=cfg.pipeline)
         cpus = float(os.cpu_count() or 1)
         ray.init(num_cpus=int(cpus), num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, runtime_env={"env_vars": {"TUNE_SOTA_CACHE": os.environ.get(
@@ -276,8 +277,9 @@ def advice(check: Check) -> list[str]:
              f"{best.total:,.0f} images/s in total, {best.total / one.total:.2f}x one trial alone"]
     waits = max(max(r.data_wait) for r in check.rounds)
     if waits > DATA_WAIT_GOAL:
-        lines.append(f"trials waited for data up to {waits:.0%} of the time (goal: at most "
-                     f"{DATA_WAIT_GOAL:.0%}): use pipeline: cached, or give trials more CPUs")
+        fix = "give each trial more CPUs (cpus_per_trial)" if check.pipeline == "cached" else "use pipeline: cached"
+        lines.append(f"trials waited for data up to {waits:.0%} of the time (goal: at most {DATA_WAIT_GOAL:.0%}): "
+                     f"{fix}")
     if not check.gpu:
         lines.append("no GPU here, so NVIDIA MPS does not apply; on a GPU machine run this check there")
     elif MPS_PIPE.exists():
