@@ -58,7 +58,7 @@ def main():
             learn = recipe.build_learner(cfg, recipe.make_dataloaders(cfg, workers=workers, device=device))
             barrier = tmp / f"barrier-{pipeline}"
             barrier.mkdir()
-            meter = gpucheck.Meter(args.warmup, args.seconds, barrier, 1)
+            meter = gpucheck.meter(args.warmup, args.seconds, barrier, 1)
             learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=[recipe.ProgressiveResize(cfg), meter])
             rows.append([pipeline, workers, meter.images / meter.seconds, f"{meter.wait / meter.seconds:.1%}",
                          f"{1 - meter.wait / meter.seconds:.1%}", build or "-"])

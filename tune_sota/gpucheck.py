@@ -120,54 +120,52 @@ def check_config(space: Space | None, gpu: bool, data: Path | None = None) -> Co
     return Config(**{**cfg.to_dict(), "resize": "", "mixup": 0.0, "epochs": epochs, "holdout": 0.0})
 
 
-class Meter:
-    """A fastai callback (made in the trial, where fastai is imported): after `warmup` training
-    batches, waits for the round's other trials, then counts images and the time spent waiting for the
-    next batch for `seconds`, and ends the fit."""
+def meter(warmup: int, seconds: float, barrier: Path, trials: int):
+    """A fastai callback that, after `warmup` training batches, waits for the round's other `trials` at
+    `barrier`, then counts images and the time spent waiting for the next batch for `seconds`, and ends
+    the fit. (Made here, not at the top: the CLI imports this module without torch and fastai.)"""
+    import torch
+    from fastai.callback.core import Callback, CancelFitException
 
-    def __new__(cls, warmup: int, seconds: float, barrier: Path, trials: int):
-        import torch
-        from fastai.callback.core import Callback, CancelFitException
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
-        def sync():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+    class _Meter(Callback):
+        order = -20  # first into a batch, so the wait ends where the batch's work begins
 
-        class _Meter(Callback):
-            order = -20  # first into a batch, so the wait ends where the batch's work begins
+        def before_fit(self):
+            self.i, self.images, self.wait, self.t0, self.last = 0, 0, 0.0, None, None
 
-            def before_fit(self):
-                self.i, self.images, self.wait, self.t0, self.last = 0, 0, 0.0, None, None
+        def before_batch(self):
+            if self.training and self.t0 is not None:
+                self.wait += time.perf_counter() - self.last
 
-            def before_batch(self):
-                if self.training and self.t0 is not None:
-                    self.wait += time.perf_counter() - self.last
+        def after_batch(self):
+            if not self.training:
+                return
+            self.i += 1
+            if self.t0 is not None:
+                self.images += len(self.yb[0])
+            elif self.i == warmup:
+                sync()
+                _arrive(barrier, trials)
+                self.t0 = time.perf_counter()
+            self.last = time.perf_counter()
+            if self.t0 is not None and self.last - self.t0 >= seconds:
+                sync()
+                self.seconds = time.perf_counter() - self.t0
+                raise CancelFitException()
 
-            def after_batch(self):
-                if not self.training:
-                    return
-                self.i += 1
-                if self.t0 is not None:
-                    self.images += len(self.yb[0])
-                elif self.i == warmup:
-                    sync()
-                    _arrive(barrier, trials)
-                    self.t0 = time.perf_counter()
-                self.last = time.perf_counter()
-                if self.t0 is not None and self.last - self.t0 >= seconds:
-                    sync()
-                    self.seconds = time.perf_counter() - self.t0
-                    raise CancelFitException()
+        def before_validate(self):  # a window spans epochs: validation is neither data nor training
+            self.paused = time.perf_counter()
 
-            def before_validate(self):  # a window spans epochs: validation is neither data nor training
-                self.paused = time.perf_counter()
+        def after_validate(self):
+            if self.t0 is not None:
+                self.t0 += time.perf_counter() - self.paused
+            self.last = time.perf_counter()
 
-            def after_validate(self):
-                if self.t0 is not None:
-                    self.t0 += time.perf_counter() - self.paused
-                self.last = time.perf_counter()
-
-        return _Meter()
+    return _Meter()
 
 
 def _arrive(barrier: Path, trials: int, timeout: float = 300) -> None:
@@ -190,14 +188,14 @@ def trial(cfg: dict, warmup: int, seconds: float, barrier: str, trials: int, cpu
     learn = recipe.build_learner(cfg, dls)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    meter = Meter(warmup, seconds, Path(barrier), trials)
-    learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=[recipe.ProgressiveResize(cfg), meter])
+    meter_cb = meter(warmup, seconds, Path(barrier), trials)
+    learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=[recipe.ProgressiveResize(cfg), meter_cb])
     x = getattr(dls.train.dataset, "x", None)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_reserved()
     else:  # the process's peak resident memory (a reused worker's, so at least the last round's)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"images_s": meter.images / meter.seconds, "data_wait": meter.wait / meter.seconds, "peak": peak,
+    return {"images_s": meter_cb.images / meter_cb.seconds, "data_wait": meter_cb.wait / meter_cb.seconds, "peak": peak,
             "cache_on_gpu": bool(x is not None and x.is_cuda)}
 
 
