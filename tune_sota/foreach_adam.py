@@ -5,7 +5,9 @@ loop of five callbacks per tensor (about 1,000 small kernel launches per step fo
 It is a fastai `Optimizer` with the same per-tensor state (`grad_avg`, `sqr_avg`, `step`, and the
 `do_wd` that `Learner(wd_bn_bias=False)` sets to keep BatchNorm and biases undecayed), so the one-cycle
 schedule drives it, `recipe.save_state` saves it and `recipe.load_state` loads the same checkpoints
-as fastai's Adam, in either direction. See bench/opt_step.py for what it saves.
+as fastai's Adam, in either direction. Not used by default: on one CPU thread it is 0.7-0.9x as fast as
+fastai's loop (bench/opt_step.py, bench/RESULTS.md); it is for GPUs, where every one of fastai's small
+per-tensor ops is a kernel launch, once measured there.
 """
 
 from __future__ import annotations
