@@ -8,6 +8,8 @@ Images/s in (1) are training batches through forward, backward and the optimizer
 channels_last), timed after a warm-up; utilization is nvidia-smi's, sampled every 200 ms over the same
 window. In (2) each trial runs 3 epochs at the final size; a trial's rate is (train + valid images) /
 its median epoch time after the first, and the total is the sum over the trials running together.
+(0), first, is `tune-sota gpu-check` on the same data (tune_sota/gpucheck.py): the machine, short windows
+of 1, 2 and 4 trials, the data-wait share, peak memory, and its advice.
 """
 
 from __future__ import annotations
@@ -112,6 +114,10 @@ def main():
     from tune_sota.config import Config, parse_space
 
     values = dict(data=str(root), arch="xresnet50", size=128, batch_size=args.bs, lr=3e-3, epochs=3)
+    from tune_sota import gpucheck
+
+    check = gpucheck.report(gpucheck.run(parse_space({**values, "search": {}}, name="gpu-check")))
+    print(check, flush=True)
     single, rates = [], {}
     try:
         for pipeline in ("fastai", "cached"):
@@ -139,7 +145,7 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    out = "(1) one process, training batches only\n\n"
+    out = f"(0) tune-sota gpu-check on this data\n\n```\n{check}\n```\n\n(1) one process, training batches only\n\n"
     out += table(["pipeline", "train images/s", "x fastai", "GPU util"], single)
     out += "\n\n(2) concurrent trials through the search, each 3 epochs, cached pipeline\n\n"
     out += table(["trials", "GPU each", "CPUs each", "total images/s", "x 1 trial", "GPU util", "mean accuracy"],

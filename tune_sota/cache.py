@@ -231,6 +231,8 @@ class CachedDL(TfmdDL):
 
     def create_batches(self, samps):
         idxs = torch.tensor(list(samps), dtype=torch.long)
+        if idxs.device != self.dataset.x.device:  # the epoch's order onto the data's GPU once, not per batch,
+            idxs = idxs.pin_memory().to(self.dataset.x.device, non_blocking=True)  # from pinned memory: no sync
         stop = len(idxs) - len(idxs) % self.bs if self.drop_last else len(idxs)
         for i in range(0, stop, self.bs):
             yield self.create_batch(idxs[i:i + self.bs])
@@ -268,23 +270,27 @@ class RandomResizedCropFlip(RandomResizedCropGPU):
             if tuple(x.shape[-2:]) == tuple(self.size):
                 return x
             return TensorImage(F.interpolate(x, size=self.size, mode="bilinear", align_corners=False))
-        n = x.shape[0]
-        area = torch.empty(n).uniform_(self.min_scale, self.max_scale)
-        log_ratio = torch.empty(n).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        # Drawn where the batch is, in fp32: no per-batch copies from the host (each would wait for the GPU)
+        n, dev = x.shape[0], x.device
+        area = torch.empty(n, device=dev).uniform_(self.min_scale, self.max_scale)
+        log_ratio = torch.empty(n, device=dev).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
         w = (area * log_ratio.exp()).sqrt().clamp(max=1)  # crop width and height as shares of the image's
         h = (area / log_ratio.exp()).sqrt().clamp(max=1)
-        cx = (1 - w) * torch.empty(n).uniform_(-1, 1)  # crop centre, so that the crop stays inside
-        cy = (1 - h) * torch.empty(n).uniform_(-1, 1)
+        cx = (1 - w) * torch.empty(n, device=dev).uniform_(-1, 1)  # crop centre, so that the crop stays inside
+        cy = (1 - h) * torch.empty(n, device=dev).uniform_(-1, 1)
         if self.flip:  # a mirrored crop is the same crop read right to left
-            w = w * torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+            w = w * torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0)
         # The crop is axis-aligned, so its sampling grid is an outer sum of two ramps: far cheaper on a
         # CPU than `F.affine_grid`'s batched matrix product.
-        (oh, ow), dev = self.size, x.device
+        oh, ow = self.size
         u = torch.linspace(-1 + 1 / ow, 1 - 1 / ow, ow, device=dev)  # pixel centres (align_corners=False)
         v = torch.linspace(-1 + 1 / oh, 1 - 1 / oh, oh, device=dev)
-        w, h, cx, cy = (t.to(dev, x.dtype)[:, None, None] for t in (w, h, cx, cy))
+        w, h, cx, cy = (t[:, None, None] for t in (w, h, cx, cy))
         grid = torch.stack(((w * u + cx).expand(n, oh, ow), (h * v[:, None] + cy).expand(n, oh, ow)), -1)
-        return TensorImage(F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False))
+        # Sampled in fp32 whatever the images' dtype: grid_sample turns the grid into pixel coordinates in
+        # the input's dtype, which in bf16 puts a sample up to half a pixel off at 128 px (fp16: 1/30).
+        out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return TensorImage(out.to(x.dtype))
 
 
 def batch_tfms(cfg: Config, size: int, stats) -> list:

@@ -1,5 +1,5 @@
-"""The `tune-sota` command: `search`, `train`, `trials`, `report`, `dashboard`. User mistakes print one line
-and exit 2."""
+"""The `tune-sota` command: `search`, `train`, `trials`, `report`, `dashboard`, `cluster-check`, `gpu-check`.
+User mistakes print one line and exit 2."""
 
 from __future__ import annotations
 
@@ -116,6 +116,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--storage", metavar="URI", help="the --storage the search will use: a folder every node sees "
                    "(NFS) or s3://bucket/path")
     c.add_argument("--space", metavar="NAME|PATH", help="the search space whose data folders every node needs")
+    g = sub.add_parser("gpu-check", parents=[loud],
+                       help="measure this machine's GPU for a search in about two minutes: versions, trials per GPU",
+                       description="Print the device, torch/CUDA/driver versions, native bf16 or not and free memory; "
+                                   "then train --space's model at its size with 1, 2 and 4 trials sharing the GPU "
+                                   "through Ray (fractional GPUs, as a search runs them): images/s, the share of time "
+                                   "spent waiting for data, peak memory per trial, whether the decoded cache went onto "
+                                   "the GPU; and advise on gpus_per_trial and NVIDIA MPS. Without a GPU it says so and "
+                                   "measures the CPU at a tiny size.")
+    g.add_argument("--space", default="imagenette", metavar="NAME|PATH",
+                   help="the search space whose model and data to measure (default: imagenette)")
+    g.add_argument("--seconds", type=float, metavar="S", help="each trial's measured window (default: 10 on a GPU, "
+                   "2 on a CPU)")
     return p
 
 
@@ -318,6 +330,16 @@ def _dashboard(args) -> int:
     return 0
 
 
+def _gpu_check(args) -> int:
+    from tune_sota.config import load_space
+
+    space = load_space(args.space)
+    from tune_sota import gpucheck
+
+    print(gpucheck.report(gpucheck.run(space, seconds=args.seconds)))
+    return 0
+
+
 def _cluster_check(args) -> int:
     from tune_sota.config import load_space
 
@@ -360,7 +382,7 @@ def main(argv=None) -> int:
         warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
     try:
         return {"search": _search, "train": _train, "trials": _trials, "report": _report,
-                "dashboard": _dashboard, "cluster-check": _cluster_check}[args.command](args)
+                "dashboard": _dashboard, "cluster-check": _cluster_check, "gpu-check": _gpu_check}[args.command](args)
     except UserError as e:
         print(f"tune-sota: error: {e}", file=sys.stderr)
         return 2

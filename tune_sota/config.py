@@ -149,7 +149,8 @@ class Config:
     normalize: str = _opt("imagenet", "normalization statistics: ImageNet's, or measured on a batch",
                           _one_of("imagenet", "dataset"))
     seed: int = _opt(42, "random seed of the run", _at_least(0))
-    precision: str = _opt("auto", "auto = bf16 on CUDA, fp32 on CPU", _one_of("auto", "fp32", "bf16", "fp16"))
+    precision: str = _opt("auto", "auto = bf16 on GPUs that compute it natively (Ampere and later), fp16 on "
+                          "older GPUs, fp32 on CPU", _one_of("auto", "fp32", "bf16", "fp16"))
     workers: int = _opt(-1, "DataLoader worker processes; -1 = from the CPUs the trial was given", _at_least(-1))
     pipeline: str = _opt("cached", "data pipeline: 'cached' decodes every image once into a uint8 cache that a "
                          "node's trials share, then crops and flips whole batches (on the GPU if there is one); "

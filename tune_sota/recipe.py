@@ -17,13 +17,12 @@ from collections.abc import Callable
 import torch
 from fastai.callback.channelslast import ChannelsLast  # noqa: F401  (patches Learner.to_channelslast)
 from fastai.callback.core import Callback, CancelFitException
-from fastai.callback.fp16 import MixedPrecision  # noqa: F401  (patches Learner.to_bf16 / to_fp16)
 from fastai.callback.mixup import MixUp
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler, combined_cos, fit_one_cycle  # noqa: F401  (patches Learner)
 from fastai.imports import noop  # the one ProgressCallback compares the logger with
 from fastai.layers import AvgPool, MaxPool
-from fastai.learner import Learner, Recorder
+from fastai.learner import AvgSmoothLoss, Learner, Recorder
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import SGD, Adam, Lamb, RMSProp, ranger
@@ -32,7 +31,7 @@ from fastai.vision.models import xresnet
 from fastcore.foundation import L
 from torch import nn
 
-from tune_sota import cache, data, sources
+from tune_sota import cache, data, precision, sources
 from tune_sota.config import Config, plain
 from tune_sota.results import EpochReport
 from tune_sota.schedule import size_at_epoch
@@ -52,7 +51,7 @@ class ProgressiveResize(Callback):
 
 
 class EpochEnd(Callback):
-    """Hands each finished epoch's figures to `on_epoch`; stops the fit at once on a NaN/inf loss."""
+    """Hands each finished epoch's figures to `on_epoch`; stops the fit after an epoch whose loss went NaN/inf."""
 
     order = Recorder.order + 1  # after the Recorder has computed the epoch's metrics
 
@@ -62,8 +61,13 @@ class EpochEnd(Callback):
     def before_epoch(self):
         self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
-    def after_batch(self):
-        if self.training and not math.isfinite(self.learn.loss.item()):
+    def after_train(self):
+        # Once per epoch, not per batch: reading a GPU loss on the host waits for the GPU, and four
+        # trials sharing one then each pay their CPU time plus their GPU time for every step. The
+        # smoothed loss stays NaN/inf once any batch's loss was, so nothing is missed; a diverged run
+        # trains at most one epoch of NaNs before it stops.
+        smooth = getattr(self.learn, "smooth_loss", None)
+        if smooth is not None and not bool(torch.isfinite(smooth)):
             self.diverged = True
             raise CancelFitException()
 
@@ -86,11 +90,22 @@ class EpochEnd(Callback):
                                       math.nan, math.nan, 0.0, time.perf_counter() - self.t0, True), self.learn)
 
 
+class DeviceSmoothLoss(AvgSmoothLoss):
+    """fastai's smoothed training loss kept on the loss's device: fastai's copies every batch's loss to
+    the host (a GPU sync per step); this one is read there once per epoch (`EpochEnd`, the Recorder)."""
+
+    def accumulate(self, learn):
+        loss = learn.loss.detach().float().mean()
+        self.count += 1  # after a reset `val` is a CPU zero: start from a zero where the loss is
+        self.val = torch.lerp(loss, self.val if self.count > 1 else torch.zeros_like(loss), self.beta)
+
+
 def resources(cfg: Config, cpus: float | None) -> tuple[int, torch.device]:
     """Set torch's threads from the CPUs this run was given; return DataLoader workers and device."""
     n = max(1, int(cpus if cpus else os.cpu_count() or 1))
     torch.set_num_threads(n)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    precision.setup_device(device)
     workers = cfg.workers if cfg.workers >= 0 else (n if device.type == "cuda" else n - 1)
     return workers, device
 
@@ -159,15 +174,9 @@ def build_learner(cfg: Config, dls) -> Learner:
     learn = Learner(dls, model, loss_func=loss, metrics=accuracy, wd=cfg.wd, opt_func=opt_func(cfg))
     learn.remove_cb(ProgressCallback)  # bars and per-epoch tables flood logs; EpochEnd reports instead
     learn.logger = lambda *_: None
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if dls.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if dls.device.type == "cuda":
-        if precision == "bf16":
-            learn.to_bf16()
-        elif precision == "fp16":
-            learn.to_fp16()
-        learn.to_channelslast(use_amp=False)  # NHWC convolutions on tensor cores; precision is set above
+    learn.recorder.smooth_loss = DeviceSmoothLoss()  # no per-batch copy of the loss to the host
+    device = dls.device or torch.device("cpu")
+    precision.apply(learn, precision.precision_for(device, cfg.precision), device)
     return learn
 
 
