@@ -75,7 +75,15 @@ def _schedule(v):
 
 
 def _data(v):
-    return None if v.strip() else "'digits', an Imagenette name, or a folder with train/ and val/"
+    if not v.strip():
+        return "'digits', an Imagenette name, a folder of images, or {csv: labels.csv, folder: images}"
+    from tune_sota import sources  # sources imports this module
+
+    try:
+        sources.parse_data(v)
+    except UserError as e:
+        return str(e).removeprefix("data: ")
+    return None
 
 
 def _keep(v):
@@ -95,7 +103,9 @@ class Config:
     """One training run, every value fixed. Field defaults are chapter 7's choices where it has one."""
 
     data: str = _opt("digits", "'digits' (offline, ships with scikit-learn), imagenette2-160|-320, "
-                     "imagenette2, imagewoof2-160|-320, imagewoof2, or a folder with train/ and val/", _data)
+                     "imagenette2, imagewoof2-160|-320, imagewoof2, a folder with train/ and val/, a folder of "
+                     "class folders (val/ = a stratified 20%), or a table {csv: labels.csv, folder: images} "
+                     "(see README, Data)", _data)
     arch: str = _opt("xresnet50", "model, trained from scratch", _one_of(*ARCHS))
     width: float = _opt(1.0, "channel-width multiplier; below 1 keeps CPU runs small", _between(0.0625, 4))
     size: int = _opt(128, "final image size in pixels (validation always runs at it)", _between(8, 1024))
@@ -346,6 +356,7 @@ def parse_space(raw: Any, *, name: str = "space", source: str = "<dict>") -> Spa
     baseline_raw = raw.pop("baseline", None)
     if not raw and not search_raw and baseline_raw is None:
         raise ConfigError(f"{where}the space sets nothing; give at least `data:` (see search_spaces/quick.yaml)")
+    raw = _data_mapping(raw, where)
     values = _parse_section(Config, raw, where, dists=True)
     for old, new in RENAMED_SEARCH_KEYS.items():
         if isinstance(search_raw, dict) and old in search_raw and new not in search_raw:
@@ -358,6 +369,20 @@ def parse_space(raw: Any, *, name: str = "space", source: str = "<dict>") -> Spa
     space = Space(values=values, search=search, name=name, source=source, baseline=baseline)
     _check_cross_fields(space, where)
     return space
+
+
+def _data_mapping(raw: dict, where: str) -> dict:
+    """`raw` with a `data:` mapping (`{csv: ..., folder: ...}`, not a distribution) in the one-line form
+    that `Config.data` holds (`sources.data_value`)."""
+    d = raw.get("data")
+    if not isinstance(d, dict) or set(d) & set(DIST_KINDS):
+        return raw
+    from tune_sota import sources  # sources imports this module
+
+    try:
+        return {**raw, "data": sources.data_value(d)}
+    except UserError as e:
+        raise ConfigError(f"{where}{e}") from None
 
 
 def _check_cross_fields(space: Space, where: str):
@@ -414,12 +439,17 @@ def _resolve_data(raw: dict, base: Path) -> dict:
     from tune_sota import sources  # sources imports this module
 
     def resolve(v):
+        if isinstance(v, dict) or (isinstance(v, str) and v.lstrip().startswith("{")):  # a data mapping
+            try:
+                return sources.resolve_paths(v, base)
+            except UserError:
+                return v  # parse_space names what is wrong with it
         if not isinstance(v, str) or sources.known(v) or not v.strip() or Path(v).expanduser().is_absolute():
             return v
         return str((base / v).resolve())
 
     d = raw.get("data") if isinstance(raw, dict) else None
-    if isinstance(d, str):
+    if isinstance(d, str) or (isinstance(d, dict) and not set(d) & set(DIST_KINDS)):
         return {**raw, "data": resolve(d)}
     if isinstance(d, dict) and isinstance(d.get("choice"), list):
         return {**raw, "data": {"choice": [resolve(v) for v in d["choice"]]}}
