@@ -86,6 +86,32 @@ def _data(v):
     return None
 
 
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of `8h`, `90m`, `40s`, `1h30m` or `2.5h`; ValueError otherwise."""
+    t = str(text).strip().lower().replace(" ", "")
+    parts = _DURATION.findall(t)
+    if not t or "".join(a + u for a, u in parts) != t:
+        raise ValueError(f"{text!r} is not a duration; use e.g. 8h, 90m, 40s or 1h30m")
+    seconds = sum(float(a) * _UNITS[u] for a, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is no time at all; use e.g. 8h, 90m, 40s")
+    return seconds
+
+
+def _duration(v):
+    if v == "":
+        return None  # no budget: the search runs num_samples trials
+    try:
+        parse_duration(v)
+    except ValueError:
+        return "a duration such as 8h, 90m, 40s or 1h30m ('' = none)"
+    return None
+
+
 def _keep(v):
     ok = v == "all" if isinstance(v, str) else 1 <= v <= 1000
     return None if ok else "a number of checkpoints per trial (1..1000) or 'all'"
@@ -198,6 +224,11 @@ class SearchSettings:
     keep_checkpoints: int | str = _opt(2, "checkpoints kept per trial (the newest); after the search only the "
                                        "trials worth loading keep theirs (the confirmed ones, else the best); "
                                        "'all' keeps every checkpoint of every trial", _keep)
+    time_budget: str = _opt("", "wall-clock budget of the trials, e.g. 8h, 90m, 40s: once spent no trial starts and "
+                            "running ones stop at their next checkpoint; the confirmation still runs; '' = none",
+                            _duration)
+    baseline_first: bool = _opt(False, "enqueue the baseline recipe (the space's baseline: values, clipped to its "
+                                "ranges) as the first trial, so that TPE knows where the plain recipe stands")
 
 
 # Keys of older space files: renamed ones are read under their new name, retired ones explain themselves.

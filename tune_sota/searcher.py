@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from tune_sota.config import Dist
+from tune_sota.results import study_url  # noqa: F401  (the rule lives with the results it locates)
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,6 @@ def sampler(kind: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSa
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
-
-
-def study_url(results_dir: Path, storage: str = "") -> str:
-    """Where a search keeps its study: `storage` if given, else `results_dir/study.db`."""
-    return storage or f"sqlite:///{Path(results_dir).resolve() / 'study.db'}"
 
 
 def outcome(result: dict | None, error: bool) -> TrialState:
@@ -89,6 +85,13 @@ class StudySearcher(Searcher):
                 if RAY_ID in t.user_attrs:
                     self._numbers[t.user_attrs[RAY_ID]] = t.number
         return self._study
+
+    def enqueue(self, first: list[tuple[dict, str]]) -> int:
+        """Put `(params, where from)` first in the study (Optuna's `enqueue_trial`): the next trials asked
+        take these values (and sample what they lack). Returns how many were enqueued."""
+        for values, where in first:
+            self.study.enqueue_trial(values, user_attrs={"enqueued_from": where}, skip_if_exists=True)
+        return len(first)
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         """Accept Tune's search properties: the metric and mode were given at construction, and the space
