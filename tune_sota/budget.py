@@ -6,11 +6,12 @@ its current epoch, where it reports), and the search goes on to its confirmation
 Ray Tune's own `TuneConfig(time_budget_s=...)` is not used: in Ray 2.60 it is a `TimeoutStopper`
 whose `stop_all` makes the controller stop every unfinished trial at once (`_stop_experiment_if_needed`),
 so running trials lose the epoch they were in, and Tune reports them `TERMINATED` like any other.
-Here the same two public hooks do it at checkpoints: a `TrialScheduler` wrapped around the search's
-own (it starts no trial once the budget is spent, and answers STOP to a running trial's next report)
-and a `Stopper` whose `stop_all` ends the run once no trial is left running (what is still pending
-never started). The trials it stopped are `out_of_time` in the trial table, the pending ones
-`not_started`.
+Here public hooks do it at checkpoints: a `TrialScheduler` wrapped around the search's own (it
+chooses no trial to start once the budget is spent, and answers STOP to a running trial's next report),
+the searcher (`StudySearcher.stop_when`: it suggests no trial once spent, since Ray starts every trial
+it has created, whatever the scheduler chooses), and a `Stopper` whose `stop_all` ends the run once no
+trial is left running. The trials it stopped are `out_of_time` in the trial table; one created before
+the budget ran out but not yet trained an epoch is ended too, as `not_started`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class TimeBudget(TrialScheduler):
             log.info("tune-sota: the time budget (%s) is spent: no new trial starts; %d running trial(s) stop at "
                      "their next checkpoint", _clock(self.seconds), len(self.running))
         return self.spent_after is not None
+
+    def is_spent(self) -> bool:
+        """`spent`, as a callable for the searcher (`StudySearcher.stop_when`): Ray starts every trial it
+        has created whatever the scheduler chooses, so no trial may be created once the budget is spent."""
+        return self.spent
 
     # Ray's TrialScheduler interface, forwarded to the search's own scheduler.
     @property

@@ -50,7 +50,7 @@ STATUS_HELP = {
     UNFINISHED: "still running (or its driver was killed)",
     INTERRUPTED: "cut off by Ctrl-C or SIGTERM; continues from its last checkpoint on --resume",
     OUT_OF_TIME: "stopped at a checkpoint when the time budget was spent",
-    NOT_STARTED: "never started: the time budget was spent first",
+    NOT_STARTED: "trained no epoch: the time budget was spent first",
 }
 HISTORY_COLUMNS = ["trial_id", *(f.name for f in dataclasses.fields(EpochReport) if f.name != "diverged"),
                    "node", "start_epoch"]

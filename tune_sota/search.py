@@ -188,6 +188,8 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
             rc = run_config(space, name, storage, out, tracker_callbacks(log, results_dir, name, out))
             if isinstance(tc.scheduler, budget.TimeBudget):
                 time_budget, rc.stop = tc.scheduler, budget.BudgetStop(tc.scheduler)
+                if isinstance(tc.search_alg, searcher.StudySearcher):
+                    tc.search_alg.stop_when = time_budget.is_spent
             tuner = tune.Tuner(fn, param_space=param_space(space), tune_config=tc, run_config=rc)
         t_trials = time.time()
         grid = tuner.fit()

@@ -67,6 +67,7 @@ class StudySearcher(Searcher):
         self._storage = None
         self._numbers: dict[str, int] = {}  # Ray trial id -> study trial number
         self._live: dict[int, optuna.Trial] = {}  # trials asked (or re-attached) in this process
+        self.stop_when = None  # a callable: once it answers True no trial is suggested (budget.TimeBudget)
 
     # Ray pickles the searcher with the experiment; the study is reloaded from storage instead.
     def __getstate__(self):
@@ -100,6 +101,8 @@ class StudySearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict | None:
         """Ask the study for a new trial's values, tagged with the Ray trial id."""
+        if self.stop_when is not None and self.stop_when():
+            return Searcher.FINISHED
         trial = self.study.ask(self.distributions)
         trial.set_user_attr(RAY_ID, trial_id)
         self._numbers[trial_id] = trial.number
