@@ -166,6 +166,9 @@ def load(model_path) -> Learner:
     """A Learner for predictions: an export folder or `export.pkl` (fastai's `load_learner`, on the GPU
     when there is one), or anything `load_model` accepts (made into the same plain Learner)."""
     p = Path(model_path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p} does not exist; give an export folder or export.pkl (tune-sota export), a best.yaml, "
+                        f"a `tune-sota train --out` folder, or a search's trial folder")
     pkl = p / EXPORT_FILE if p.is_dir() else p
     if pkl.is_file() and pkl.suffix == ".pkl":
         cuda = torch.cuda.is_available()
