@@ -88,3 +88,17 @@ def test_a_warm_start_enqueues_the_earlier_winners_first_clipped_to_the_new_spac
         assert 0.0 <= t.params["label_smoothing"] <= 0.1  # not in the earlier search: sampled
     assert "warm start" in run.stdout and "clipped to" in run.stdout  # each change is said
     assert "epochs" not in first[0].params  # not searched here: ignored
+
+
+def test_warm_start_values_are_fitted_to_the_new_space():
+    from tune_sota.config import Dist
+    from tune_sota.warmstart import fit
+
+    lr = Dist("loguniform", (1e-3, 1e-2))
+    assert fit("lr", 0.05, lr) == (0.01, "lr 0.05 is outside [0.001, 0.01]: clipped to 0.01")
+    assert fit("lr", 0.005, Dist("loguniform", (1e-3, 1e-2))) == (0.005, None)
+    assert fit("epochs", 9.0, Dist("randint", (2, 5)))[0] == 5
+    assert fit("mixup", 0.3, Dist("choice", (0.0, 0.2, 0.4)))[0] == 0.2  # the nearest choice, named
+    assert fit("resize", 32, Dist("choice", ("32", "16>32"))) == ("32", None)  # a CSV's number is the text choice
+    assert fit("resize", "8>16", Dist("choice", ("32", "16>32"))) == (None, "resize '8>16' is not one of "
+                                                                              "['32', '16>32']: sampled instead")
