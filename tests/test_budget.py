@@ -47,6 +47,7 @@ def budgeted(tmp_path_factory):
     return tmp, run
 
 
+@pytest.mark.slow
 def test_a_time_budget_ends_a_search_early_and_the_confirmation_still_runs(budgeted):
     tmp, run = budgeted
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -68,6 +69,7 @@ def test_a_time_budget_ends_a_search_early_and_the_confirmation_still_runs(budge
     assert "export.pkl, model.pt2" in run.stdout
 
 
+@pytest.mark.slow
 def test_a_warm_start_enqueues_the_earlier_winners_first_clipped_to_the_new_space(budgeted):
     tmp, _ = budgeted
     earlier = pd.read_csv(tmp / "results" / "b" / "trials.csv")
