@@ -72,12 +72,6 @@ def test_bad_space_files(case, tmp_path, capsys):
     assert not (tmp_path / "results").exists()
 
 
-def _no_val(root):
-    import shutil
-
-    shutil.rmtree(root / "val")
-
-
 def _empty_class(root):
     for f in (root / "train" / "green").iterdir():
         f.unlink()
@@ -97,7 +91,6 @@ def _all_unreadable(root):
 
 
 BAD_DATA = {
-    "no_val": (_no_val, ["has no val/ folder"]),
     "class_without_images": (_empty_class, ["green has no images"]),
     "single_class": (_single_class, ["has 1 class folder(s)", "at least 2"]),
     "all_unreadable": (_all_unreadable, ["are unreadable", "fix or remove them"]),

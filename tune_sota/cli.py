@@ -21,6 +21,9 @@ EPILOG = """examples:
   tune-sota trials results/quick
   tune-sota report results/quick                # (re)write results/quick/report.html and figures/*.png
   tune-sota dashboard results/quick             # optuna-dashboard on the search's study, on 127.0.0.1
+  tune-sota search --space my.yaml --time-budget 8h --warm-start results/quick
+  tune-sota export results/quick/best.yaml --out model/   # export.pkl (plain fastai) and model.pt2
+  tune-sota predict model/ photos/ --out predictions.csv
 """
 
 
@@ -71,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
                    "search of --space. Finished trials are kept, unfinished ones continue from their checkpoints; "
                    "a finished search is never touched")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    s.add_argument("--time-budget", metavar="DURATION", help="wall-clock budget of the trials, e.g. 8h, 90m, 40s: "
+                   "once spent no trial starts, running ones stop at their next checkpoint, and the confirmation "
+                   "still runs (overrides search.time_budget)")
+    s.add_argument("--warm-start", action="append", default=[], metavar="RESULTS_DIR",
+                   help="start from an earlier search's best configs (repeatable): they are the first trials, "
+                   "trained again on this data; keys this space does not search are ignored, values outside its "
+                   "ranges clipped (each said)")
     s.add_argument("--log", action="append", metavar="mlflow[=URI]|wandb[=PROJECT]",
                    help="also log every trial to a tracker through Ray's logger callbacks (repeatable): MLflow "
                    "(default store: results/NAME/mlflow.db) or W&B (offline when there is no API key)")
@@ -106,6 +116,28 @@ def _parser() -> argparse.ArgumentParser:
                                    "and print its URL; Ctrl-C stops it.")
     d.add_argument("results_dir", metavar="RESULTS_DIR", help="a folder that `tune-sota search` wrote")
     d.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: 8080)")
+    e = sub.add_parser("export", parents=[loud], help="write a model that loads without tune_sota and its data",
+                       description="Write DIR/export.pkl (fastai: load_learner('export.pkl').predict(img), with plain "
+                                   "fastai, no tune_sota, no training data), DIR/model.pt2 (torch.export: images in "
+                                   "[0, 1] in, probabilities out, normalization inside) and DIR/classes.json. "
+                                   "Example: tune-sota export results/quick/best.yaml --out model")
+    e.add_argument("model", metavar="MODEL", help="a best.yaml, a `tune-sota train --out` folder, or a search's "
+                   "trial folder or checkpoint (anything tune_sota.load_model takes)")
+    e.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder for the export")
+
+    pr = sub.add_parser("predict", parents=[loud], help="classify images with a model: one line per image, or a CSV",
+                        description="Print one line per image: its path, label, probability and the top classes "
+                                    "(or write them to --out as CSV). Batches run on the GPU when there is one. "
+                                    "Example: tune-sota predict results/quick/export photos/ --tta")
+    pr.add_argument("model", metavar="MODEL", help="an export folder or export.pkl (tune-sota export), or anything "
+                    "export takes (then the training data must be where its config says)")
+    pr.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched for them recursively")
+    pr.add_argument("--out", metavar="CSV", help="write path,label,probability,top to this CSV instead")
+    pr.add_argument("--tta", action="store_true", help="average fastai's test-time augmentation (slower, often "
+                    "a little better)")
+    pr.add_argument("--top", type=int, default=3, metavar="K", help="classes listed per image (default: 3)")
+    pr.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (default: 64)")
+
     c = sub.add_parser("cluster-check", parents=[loud],
                        help="check a Ray cluster before a long search: nodes, versions, storage, data",
                        description="Join the cluster at --address and run a tiny task on every node: its CPUs and "
@@ -131,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-FLAGS = {"num_samples": "--num-samples", "cpus_per_trial": "--cpus-per-trial", "gpus_per_trial": "--gpus-per-trial"}
+FLAGS = {"num_samples": "--num-samples", "cpus_per_trial": "--cpus-per-trial", "gpus_per_trial": "--gpus-per-trial",
+         "time_budget": "--time-budget"}
 
 
 def _override(space, args):
@@ -164,14 +197,15 @@ def _search(args) -> int:
     if args.resume and isinstance(args.resume, str) and args.name and args.name != args.resume:
         raise UserError(f"--resume {args.resume} --name {args.name}: name the search once, e.g. --resume {args.resume}")
     changed = [flag for k, flag in FLAGS.items() if getattr(args, k) is not None] + \
-        [flag for flag, given in (("--set", args.set), ("--log", args.log), ("--storage", args.storage)) if given]
+        [flag for flag, given in (("--set", args.set), ("--log", args.log), ("--storage", args.storage),
+                                  ("--warm-start", args.warm_start)) if given]
     if args.resume and changed:  # Ray restores a search with the settings it started with
         raise UserError(f"--resume continues a search as it was started; drop {', '.join(changed)} "
                         f"(or start a new search without --resume)")
     try:
         outcome = search.run(space, name=name, results_root=args.results, storage=args.storage,
                              address=args.address, resume=bool(args.resume), command=search.command_line(),
-                             log=trackers)
+                             log=trackers, warm_start=args.warm_start)
     except runstate.SearchInterrupted as stopped:
         _counts(stopped.outcome, "interrupted after")
         if stopped.cut:
@@ -184,6 +218,28 @@ def _search(args) -> int:
     return 0 if outcome.best is not None else 1
 
 
+def _budget_line(o) -> None:
+    """How the time budget was spent: the trials' share, what it stopped, the confirmation after it."""
+    from tune_sota import results
+
+    b = getattr(o, "budget", None)
+    if not b:
+        return
+    counts = o.trials.status.value_counts().to_dict() if len(o.trials) else {}
+    if b["spent"]:
+        how = (f"spent after {results.clock(b['spent_after_s'])}: {counts.get(results.OUT_OF_TIME, 0)} running "
+               f"trial(s) stopped at their next checkpoint, {counts.get(results.NOT_STARTED, 0)} never started")
+    else:
+        how = "not spent: every trial ran"
+    print(f"  time budget {results.clock(b['time_budget_s'])} {how}; trials took {results.clock(b['trials_s'])}, "
+          f"the confirmation after them {results.clock(b.get('confirm_s', 0.0))}")
+
+
+def _exported(o) -> None:
+    if getattr(o, "export_dir", None) is not None:
+        print(f"  model:       {o.export_dir}/export.pkl, model.pt2  (tune-sota predict {o.export_dir} IMAGES...)")
+
+
 def _counts(o, what: str = "done in") -> None:
     """The summary's first lines: how the trials ended, and the name the search got."""
     from tune_sota import results
@@ -194,6 +250,7 @@ def _counts(o, what: str = "done in") -> None:
           f"{len(o.trials)} trials ({parts})")
     if o.renamed_from:
         print(f"  '{o.renamed_from}' was taken, so this search is '{o.name}'")
+    _budget_line(o)
 
 
 def _summary(o) -> None:
@@ -244,6 +301,7 @@ def _summary(o) -> None:
         print("  note: trials were judged on val/ (select_on: val), so these figures are optimistic: the data that "
               "chose the winner also scores it")
     print(f"  best config: {o.results_dir}/best.yaml  (retrain: tune-sota train --config {o.results_dir}/best.yaml)")
+    _exported(o)
     tables = "trials.csv, history.csv" + (", confirm.csv" if o.answer else "")
     print(f"  tables:      {o.results_dir}/{tables}  (tune-sota trials {o.results_dir})")
     _disk(o)
@@ -297,6 +355,45 @@ def _train(args) -> int:
     print(f"accuracy {s['accuracy']:.4f}, with TTA {s['tta_accuracy']:.4f}")
     model.save(learn, cfg, out, s, train_s=round(time.time() - t0, 1), command=" ".join(["tune-sota", *sys.argv[1:]]))
     print(f"model: {out}  (load it: tune_sota.load_model({str(out)!r}))")
+    return 0
+
+
+def _export(args) -> int:
+    from tune_sota import export
+
+    out = export.export(args.model, Path(args.out).resolve())
+    print(f"tune-sota: exported {args.model} to {out}: {export.EXPORT_FILE} (fastai.learner.load_learner), "
+          f"{export.PROGRAM_FILE} (torch.export.load), {export.CLASSES_FILE}")
+    return 0
+
+
+def _predict(args) -> int:
+    from tune_sota import export
+
+    if args.top < 1 or args.batch_size < 1:
+        raise UserError(f"--{'top' if args.top < 1 else 'batch-size'} must be at least 1")
+    if args.out and Path(args.out).exists():
+        raise UserError(f"--out {args.out} exists; give a new file (nothing is overwritten)")
+    files = export.images(args.paths)
+    learn = export.load(args.model)
+    probs, classes = export.predict(learn, files, tta=args.tta, bs=args.batch_size)
+    k = min(args.top, len(classes))
+    rows = []
+    for f, p in zip(files, probs):
+        top = p.topk(k)
+        named = [(classes[int(i)], float(v)) for v, i in zip(top.values, top.indices)]
+        rows.append({"path": str(f), "label": named[0][0], "probability": round(named[0][1], 4),
+                     "top": " ".join(f"{c}:{v:.3f}" for c, v in named)})
+    if args.out:
+        import pandas as pd
+
+        from tune_sota.config import write_atomic
+
+        write_atomic(Path(args.out), pd.DataFrame(rows).to_csv(index=False))
+        print(f"tune-sota: predicted {len(rows)} image(s) into {args.out}")
+    else:
+        for r in rows:
+            print(f"{r['path']}\t{r['label']}\t{r['probability']:.4f}\t{r['top']}")
     return 0
 
 
@@ -382,7 +479,8 @@ def main(argv=None) -> int:
         warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
     try:
         return {"search": _search, "train": _train, "trials": _trials, "report": _report,
-                "dashboard": _dashboard, "cluster-check": _cluster_check, "gpu-check": _gpu_check}[args.command](args)
+                "dashboard": _dashboard, "cluster-check": _cluster_check, "gpu-check": _gpu_check,
+                "export": _export, "predict": _predict}[args.command](args)
     except UserError as e:
         print(f"tune-sota: error: {e}", file=sys.stderr)
         return 2

@@ -290,8 +290,10 @@ def _node_task():
         for d in data:
             folder = Path(d).expanduser()
             missing = [s for s in ("train", "val") if not (folder / s).is_dir()]
-            out["data"][d] = "" if folder.is_dir() and not missing else \
-                (f"no {folder}" if not folder.is_dir() else f"{folder} has no {'/, '.join(missing)}/")
+            # a table, or class folders without val/ (split on each node alike: sources.split_view)
+            drawn = folder.is_file() or (folder.is_dir() and any(p.is_dir() for p in folder.iterdir()))
+            out["data"][d] = "" if (folder.is_dir() and not missing) or drawn else \
+                (f"no {folder}" if not folder.exists() else f"{folder} has no {'/, '.join(missing)}/")
         return out
 
     def sees(storage: str, prefix: str) -> list[str]:
@@ -326,8 +328,10 @@ def _folders(space) -> list[str]:
     """The data values of a space that name folders (named datasets are fetched by each node itself)."""
     if space is None:
         return []
-    return [str(d) for d in space.options("data") if "/" in str(d) or str(d).startswith(("~", "."))
-            or Path(str(d)).expanduser().exists()]
+    from tune_sota import sources
+
+    paths = [str(p) for d in space.options("data") for p in sources.data_folders(d)]  # a table's folder and file
+    return [p for p in paths if "/" in p or p.startswith(("~", ".")) or Path(p).expanduser().exists()]
 
 
 def cluster_check(address: str, storage: str | None = None, space=None) -> list[NodeReport]:

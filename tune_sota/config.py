@@ -75,7 +75,41 @@ def _schedule(v):
 
 
 def _data(v):
-    return None if v.strip() else "'digits', an Imagenette name, or a folder with train/ and val/"
+    if not v.strip():
+        return "'digits', an Imagenette name, a folder of images, or {csv: labels.csv, folder: images}"
+    from tune_sota import sources  # sources imports this module
+
+    try:
+        sources.parse_data(v)
+    except UserError as e:
+        return str(e).removeprefix("data: ")
+    return None
+
+
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of `8h`, `90m`, `40s`, `1h30m` or `2.5h`; ValueError otherwise."""
+    t = str(text).strip().lower().replace(" ", "")
+    parts = _DURATION.findall(t)
+    if not t or "".join(a + u for a, u in parts) != t:
+        raise ValueError(f"{text!r} is not a duration; use e.g. 8h, 90m, 40s or 1h30m")
+    seconds = sum(float(a) * _UNITS[u] for a, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is no time at all; use e.g. 8h, 90m, 40s")
+    return seconds
+
+
+def _duration(v):
+    if v == "":
+        return None  # no budget: the search runs num_samples trials
+    try:
+        parse_duration(v)
+    except ValueError:
+        return "a duration such as 8h, 90m, 40s or 1h30m ('' = none)"
+    return None
 
 
 def _keep(v):
@@ -107,7 +141,9 @@ class Config:
     """One training run, every value fixed. Field defaults are chapter 7's choices where it has one."""
 
     data: str = _opt("digits", "'digits' (offline, ships with scikit-learn), imagenette2-160|-320, "
-                     "imagenette2, imagewoof2-160|-320, imagewoof2, or a folder with train/ and val/", _data)
+                     "imagenette2, imagewoof2-160|-320, imagewoof2, a folder with train/ and val/, a folder of "
+                     "class folders (val/ = a stratified 20%), or a table {csv: labels.csv, folder: images} "
+                     "(see README, Data)", _data)
     arch: str = _opt("xresnet50", "model, trained from scratch: chapter 7's xresnet, or fastai's ResNeXt with "
                      "squeeze-and-excitation (xse_) or without; width narrows the ResNeXt groups too (recipe)",
                      _one_of(*ARCHS))
@@ -234,6 +270,11 @@ class SearchSettings:
     keep_checkpoints: int | str = _opt(2, "checkpoints kept per trial (the newest); after the search only the "
                                        "trials worth loading keep theirs (the confirmed ones, else the best); "
                                        "'all' keeps every checkpoint of every trial", _keep)
+    time_budget: str = _opt("", "wall-clock budget of the trials, e.g. 8h, 90m, 40s: once spent no trial starts and "
+                            "running ones stop at their next checkpoint; the confirmation still runs; '' = none",
+                            _duration)
+    baseline_first: bool = _opt(False, "enqueue the baseline recipe (the space's baseline: values, clipped to its "
+                                "ranges) as the first trial, so that TPE knows where the plain recipe stands")
 
 
 # Keys of older space files: renamed ones are read under their new name, retired ones explain themselves.
@@ -395,6 +436,7 @@ def parse_space(raw: Any, *, name: str = "space", source: str = "<dict>") -> Spa
     baseline_raw = raw.pop("baseline", None)
     if not raw and not search_raw and baseline_raw is None:
         raise ConfigError(f"{where}the space sets nothing; give at least `data:` (see search_spaces/quick.yaml)")
+    raw = _data_mapping(raw, where)
     values = _parse_section(Config, raw, where, dists=True)
     for old, new in RENAMED_SEARCH_KEYS.items():
         if isinstance(search_raw, dict) and old in search_raw and new not in search_raw:
@@ -407,6 +449,20 @@ def parse_space(raw: Any, *, name: str = "space", source: str = "<dict>") -> Spa
     space = Space(values=values, search=search, name=name, source=source, baseline=baseline)
     _check_cross_fields(space, where)
     return space
+
+
+def _data_mapping(raw: dict, where: str) -> dict:
+    """`raw` with a `data:` mapping (`{csv: ..., folder: ...}`, not a distribution) in the one-line form
+    that `Config.data` holds (`sources.data_value`)."""
+    d = raw.get("data")
+    if not isinstance(d, dict) or set(d) & set(DIST_KINDS):
+        return raw
+    from tune_sota import sources  # sources imports this module
+
+    try:
+        return {**raw, "data": sources.data_value(d)}
+    except UserError as e:
+        raise ConfigError(f"{where}{e}") from None
 
 
 def _check_cross_fields(space: Space, where: str):
@@ -462,12 +518,17 @@ def _resolve_data(raw: dict, base: Path) -> dict:
     from tune_sota import sources  # sources imports this module
 
     def resolve(v):
+        if isinstance(v, dict) or (isinstance(v, str) and v.lstrip().startswith("{")):  # a data mapping
+            try:
+                return sources.resolve_paths(v, base)
+            except UserError:
+                return v  # parse_space names what is wrong with it
         if not isinstance(v, str) or sources.known(v) or not v.strip() or Path(v).expanduser().is_absolute():
             return v
         return str((base / v).resolve())
 
     d = raw.get("data") if isinstance(raw, dict) else None
-    if isinstance(d, str):
+    if isinstance(d, str) or (isinstance(d, dict) and not set(d) & set(DIST_KINDS)):
         return {**raw, "data": resolve(d)}
     if isinstance(d, dict) and isinstance(d.get("choice"), list):
         return {**raw, "data": {"choice": [resolve(v) for v in d["choice"]]}}

@@ -16,14 +16,20 @@ from tune_sota.schedule import rung_shares
 
 
 def check_data(data: str, out=print) -> sources.Scan | None:
-    """Check a `data:` value: a known dataset name, or a usable image folder (skipped files are said).
-    Returns the folder's scan (None for a named dataset, which is made or downloaded later)."""
+    """Check a `data:` value: a known dataset name, or a usable image folder or table (skipped files are
+    said). Returns the folder's scan (None for a named dataset, which is made or downloaded later); a
+    folder without val/ or a table is made into its split view first (links only: quick)."""
     if sources.known(data):
         return None
-    root = Path(data).expanduser()
-    if not root.exists():
-        raise UserError(f"data: {root.resolve()} is neither a folder nor a known dataset; use 'digits', one of "
-                        f"{', '.join(sources.DOWNLOADS)}, or a folder with train/ and val/ (one subfolder per class)")
+    spec = sources.parse_data(data)
+    for path in sources.data_folders(data):
+        if not path.exists() and spec.csv and path == Path(spec.csv).expanduser():
+            raise UserError(f"data: csv {path.resolve()} does not exist; give a table of file names and labels")
+        if not path.exists():
+            raise UserError(f"data: {path.resolve()} is neither a folder nor a known dataset; use 'digits', one of "
+                            f"{', '.join(sources.DOWNLOADS)}, a folder of images (one subfolder per class, with or "
+                            f"without train/ and val/), or {{csv: labels.csv, folder: images}}")
+    root = sources.prepare_source(data)
     found = sources.scan(root)
     if found.unreadable:
         out(f"tune-sota: data: skipping {len(found.unreadable)} unreadable image(s) in {root} "

@@ -70,10 +70,9 @@ def study_url(results_dir: Path, space: dict | None = None) -> str | None:
     """Where the search's Optuna study is: `search.storage` of its space, else `study.db` if it exists."""
     space = space if space is not None else _yaml(Path(results_dir) / "space.yaml")
     storage = ((space or {}).get("search") or {}).get("storage") or ""
-    if storage:
-        return storage
-    db = Path(results_dir) / "study.db"
-    return f"sqlite:///{db.resolve()}" if db.is_file() else None  # never let Optuna create an empty one
+    if not storage and not (Path(results_dir) / "study.db").is_file():
+        return None  # never let Optuna create an empty one
+    return results.study_url(results_dir, storage)
 
 
 def open_study(results_dir: Path, name: str | None = None):

@@ -44,6 +44,7 @@ class EpochReport:
 
 COMPLETED, STOPPED, ERROR, DIVERGED, UNFINISHED = "completed", "stopped", "error", "diverged", "unfinished"
 INTERRUPTED = "interrupted"
+OUT_OF_TIME, NOT_STARTED = "out_of_time", "not_started"  # the time budget's (budget.py)
 STATUS_HELP = {
     COMPLETED: "trained every planned epoch",
     STOPPED: "stopped early by ASHA",
@@ -51,6 +52,8 @@ STATUS_HELP = {
     DIVERGED: "loss became NaN or infinite; stopped at once",
     UNFINISHED: "still running (or its driver was killed)",
     INTERRUPTED: "cut off by Ctrl-C or SIGTERM; continues from its last checkpoint on --resume",
+    OUT_OF_TIME: "stopped at a checkpoint when the time budget was spent",
+    NOT_STARTED: "trained no epoch: the time budget was spent first",
 }
 HISTORY_COLUMNS = ["trial_id", *(f.name for f in dataclasses.fields(EpochReport) if f.name != "diverged"),
                    "node", "start_epoch"]
@@ -65,6 +68,11 @@ def clock(seconds: float) -> str:
     """Seconds as `00h01m05s` (hours past 24 go on counting), the format of every duration shown."""
     seconds = max(0, int(seconds))
     return f"{seconds // 3600:02d}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def study_url(results_dir: Path, storage: str = "") -> str:
+    """Where a search keeps its Optuna study: `search.storage` if given, else `results_dir/study.db`."""
+    return storage or f"sqlite:///{Path(results_dir).resolve() / 'study.db'}"
 
 
 def status_of(metrics: dict, ray_error, finished: bool) -> str:

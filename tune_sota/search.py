@@ -21,8 +21,31 @@ import ray
 import yaml
 from ray import tune
 
-from tune_sota import cluster, confirm, model, preflight, results, runstate, scheduler, searcher, sources, trainable
-from tune_sota.config import Config, Dist, Space, parse_space, plain, space_to_yaml, write_atomic
+from tune_sota import (
+    budget,
+    cluster,
+    confirm,
+    model,
+    preflight,
+    results,
+    runstate,
+    scheduler,
+    searcher,
+    sources,
+    trainable,
+    warmstart,
+)
+from tune_sota.config import (
+    Config,
+    Dist,
+    Space,
+    UserError,
+    parse_duration,
+    parse_space,
+    plain,
+    space_to_yaml,
+    write_atomic,
+)
 from tune_sota.progress import Progress, tracker_callbacks
 from tune_sota.report import write_quietly
 from tune_sota.uncertainty import gain_line, selection_line, selection_noise
@@ -87,6 +110,8 @@ class Outcome:
     answer: dict | None = None  # confirm.answer: winner, baseline, gain
     select_on: str = "holdout"  # what the trials were judged on
     disk_bytes: int | None = None  # what the search keeps on disk once its checkpoints are pruned
+    budget: dict | None = None  # how the time budget went (budget.TimeBudget.summary), with the phases' times
+    export_dir: Path | None = None  # the winner's export (export.pkl, model.pt2), beside best.yaml
 
 
 def _locate(space: Space, name: str | None, results_root: Path, storage: str | None, resume: bool):
@@ -116,9 +141,10 @@ def _locate(space: Space, name: str | None, results_root: Path, storage: str | N
 
 
 def run(space: Space, *, name: str | None = None, results_root: str | Path = "results", storage: str | None = None,
-        address: str | None = None, resume: bool = False, command: str = "", out=None, log=()) -> Outcome:
+        address: str | None = None, resume: bool = False, command: str = "", out=None, log=(),
+        warm_start=()) -> Outcome:
     """Run (or resume) a search over `space`, confirm its best configs against the baseline, and write
-    the results."""
+    the results. `warm_start`: earlier results folders whose best configs are the first trials."""
     t0 = time.time()
     out = out or say
     space, name, renamed_from, results_dir, storage = _locate(space, name, Path(results_root).resolve(), storage,
@@ -129,6 +155,7 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
             sources.prepare_source(d)
     searched = list(space.searched)
     s = space.search
+    first = _first_trials(space, warm_start, resume)  # before anything is written: a bad folder is one line
     cluster.connect(address, s)  # before anything is written: a cluster without the asked GPUs is an error
     stop = runstate.catch(out)  # Ctrl-C and SIGTERM stop the search cleanly from here (runstate.py)
     try:
@@ -144,30 +171,48 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
             # space.yaml last: it is what makes the folder a search (runstate.status), so a folder that
             # has it has its run.yaml too, whenever the driver is killed
             write_atomic(results_dir / "space.yaml", space_to_yaml(space.values, space.search, space.baseline))
+            _record_splits(space, results_dir)
         judged = f"a {s.holdout:.0%} holdout of train/" if s.select_on == "holdout" else "val/ (optimistic)"
         out(f"tune-sota: searching '{space.name}' as {name}: {s.num_samples} trials, "
             f"{', '.join(searched) or 'nothing'} searched, judged on {judged}; results in {results_dir}")
         fn = tune.with_resources(trainable.trial, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+        time_budget = None
         if resume and tune.Tuner.can_restore(f"{storage.rstrip('/')}/{name}"):  # else stopped before Ray saved
             tuner = tune.Tuner.restore(f"{storage.rstrip('/')}/{name}", trainable=fn, resume_unfinished=True,
                                        resume_errored=True)
         else:
-            tuner = tune.Tuner(fn, param_space=param_space(space), tune_config=tune_config(space, name, results_dir),
-                               run_config=run_config(space, name, storage, out,
-                                                     tracker_callbacks(log, results_dir, name, out)))
+            tc = tune_config(space, name, results_dir)
+            if first and isinstance(tc.search_alg, searcher.StudySearcher):
+                tc.search_alg.enqueue(first)
+                out(f"tune-sota: the first {len(first)} trial(s) are "
+                    f"{', '.join(where for _, where in first)}")
+            rc = run_config(space, name, storage, out, tracker_callbacks(log, results_dir, name, out))
+            if isinstance(tc.scheduler, budget.TimeBudget):
+                time_budget, rc.stop = tc.scheduler, budget.BudgetStop(tc.scheduler)
+                if isinstance(tc.search_alg, searcher.StudySearcher):
+                    tc.search_alg.stop_when = time_budget.is_spent
+            tuner = tune.Tuner(fn, param_space=param_space(space), tune_config=tc, run_config=rc)
+        t_trials = time.time()
         grid = tuner.fit()
+        t_trials = time.time() - t_trials
         stop.check()  # after every phase: nothing later runs once Ctrl-C or SIGTERM came
         trials, history = results.tables(grid, searched, finished=True)
-        _close_study(space, name, results_dir, set(trials.trial_id))
+        # (a resumed search's budget is inside Ray's restored experiment: its statuses stay Ray's)
+        budget_used = _budget_statuses(time_budget, trials, t_trials)
+        study = _study(space, name, results_dir)  # opened once for the end of the search
+        _close_study(study, set(trials.trial_id))
         configs = _configs(grid, trials)
         runs = confirm.plan(space, trials, configs)
         confirmed = pd.DataFrame(columns=confirm.COLUMNS)
+        t_confirm = time.time()
         if runs:
             n_base = sum(r["role"] == confirm.BASELINE for r in runs)
             out(f"tune-sota: confirming the best {s.confirm_top} config(s) on val/ with {s.confirm_seeds} seed(s) "
                 f"each, against the baseline ({n_base} run(s)); {len(runs)} runs")
             confirmed = confirm.run(runs, space=space, storage=storage, name=name, callbacks=[
                 Progress([], len(runs), out), runstate.StopAtCheckpoint()])
+        if budget_used is not None:
+            budget_used["confirm_s"] = round(time.time() - t_confirm, 1)
         stop.check()
     except runstate.Stopped as stopped:
         raise _interrupted(stopped, name, results_dir, results_root, address, t0, renamed_from) from None
@@ -177,7 +222,7 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
 
     answer = confirm.answer(confirmed) if len(confirmed) else None
     if answer:
-        _tell_study(space, name, results_dir, answer)
+        _tell_study(study, answer)
     trials = _with_confirmed(trials, confirmed)
     write_atomic(results_dir / "trials.csv", trials.to_csv(index=False))
     write_atomic(results_dir / "history.csv", history.to_csv(index=False))
@@ -187,12 +232,15 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
     if best is not None:
         block = _result_block(space, best_row, answer, trials, name=name, command=command, wall_s=time.time() - t0)
         header = f"# Best config of `{command}`; retrain it with: tune-sota train --config {results_dir}/best.yaml\n"
+        if budget_used is not None:
+            block = {**block, "time_budget": plain(budget_used, nan=None)}
         write_atomic(results_dir / "best.yaml", header + space_to_yaml(best.to_dict(), result=block))
+    export_dir = _export_quietly(results_dir, out) if best is not None else None
     write_quietly(results_dir, out)  # the report is a view of the files above: it never fails a search
     runstate.mark(results_dir, runstate.FINISHED)  # from here on --resume refuses to touch it
     disk = _prune_checkpoints(space, trials, best_row, results_dir, storage, name)  # last: every phase is done
     return Outcome(name, results_dir, trials, best, best_row, time.time() - t0, renamed_from, confirmed, answer,
-                   s.select_on, disk)
+                   s.select_on, disk, budget_used, export_dir)
 
 
 def _interrupted(stopped: runstate.Stopped, name: str, results_dir: Path, results_root, address: str | None,
@@ -264,6 +312,8 @@ def tune_config(space: Space, name: str, results_dir: Path) -> tune.TuneConfig:
     early = scheduler.make_scheduler(s.scheduler, grace=s.grace,
                                      reduction_factor=s.reduction_factor, max_epochs=max_epochs(space),
                                      state_file=str(results_dir / "scheduler.json"))
+    if s.time_budget:  # no new trial once spent; running ones stop at their next checkpoint (budget.py)
+        early = budget.TimeBudget(early, parse_duration(s.time_budget))
     return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(space, name, results_dir),
                            scheduler=early, num_samples=s.num_samples,
                            max_concurrent_trials=s.max_concurrent or None, trial_dirname_creator=trial_dirname,
@@ -284,6 +334,52 @@ def run_config(space: Space, name: str, storage: str, out, trackers=()) -> tune.
     )
 
 
+def _first_trials(space: Space, warm_start, resume: bool) -> list[tuple[dict, str]]:
+    """The trials to enqueue first (warmstart.plan): none on resume (the study has them already)."""
+    if resume or not (warm_start or space.search.baseline_first):
+        return []
+    if warm_start and (not space.searched or space.search.searcher == "ray-optuna"):
+        raise UserError("--warm-start needs a space that searches something with searcher tpe or random "
+                        "(Ray's OptunaSearch keeps no study to enqueue into)")
+    return warmstart.plan(space, warm_start, top=space.search.startup_trials) if space.searched else []
+
+
+def _record_splits(space: Space, results_dir: Path) -> None:
+    """Copy the split of every data value that drew its own val/ (sources.split_view) into the results,
+    as `split.csv` (`split-2.csv`... for more data values): which image the confirmation scores on."""
+    n = 0
+    for d in space.options("data"):
+        record = sources.split_record(d)
+        if record is not None:
+            n += 1
+            write_atomic(results_dir / ("split.csv" if n == 1 else f"split-{n}.csv"), record.read_text())
+
+
+def _budget_statuses(b: budget.TimeBudget | None, trials: pd.DataFrame, trials_s: float) -> dict | None:
+    """With a time budget: mark the trials it stopped `out_of_time` and those it kept from starting
+    `not_started` (in place), and return how it went (None without a budget)."""
+    if b is None:
+        return None
+    stopped = trials.status == results.STOPPED
+    trials.loc[stopped & trials.trial_id.isin(b.out_of_time), "status"] = results.OUT_OF_TIME
+    if b.spent_after is not None and len(trials):
+        trials.loc[stopped & (trials.epochs_run == 0), "status"] = results.NOT_STARTED
+    return {**b.summary(), "trials_s": round(trials_s, 1)}
+
+
+def _export_quietly(results_dir: Path, out) -> Path | None:
+    """Export the winner beside best.yaml (export.pkl, model.pt2); a failure is a warning, never a failed search."""
+    try:
+        from tune_sota import export
+
+        return export.export(results_dir / "best.yaml", results_dir / "export")
+    except Exception as e:  # noqa: BLE001  (the search's results stand without it)
+        first = str(e).splitlines()[0] if str(e) else ""
+        out(f"tune-sota: warning: the winner was not exported ({type(e).__name__}: {first}); "
+            f"try: tune-sota export {results_dir}/best.yaml --out DIR")
+        return None
+
+
 def _study(space: Space, name: str, results_dir: Path) -> searcher.StudySearcher | None:
     """The search's study on disk, through its searcher (None when nothing is searched or the searcher is
     Ray's own, which keeps no study)."""
@@ -291,17 +387,15 @@ def _study(space: Space, name: str, results_dir: Path) -> searcher.StudySearcher
     return searcher_ if isinstance(searcher_, searcher.StudySearcher) else None
 
 
-def _close_study(space: Space, name: str, results_dir: Path, ray_ids: set[str]) -> None:
+def _close_study(study: searcher.StudySearcher | None, ray_ids: set[str]) -> None:
     """Fail study trials that Ray never recorded (a driver killed between the two saves)."""
-    study = _study(space, name, results_dir)
     if study is not None and study.abandon_unknown(ray_ids):
         log.info("study: trials of a killed driver that Ray never recorded are marked failed")
 
 
-def _tell_study(space: Space, name: str, results_dir: Path, answer: dict) -> None:
+def _tell_study(study: searcher.StudySearcher | None, answer: dict) -> None:
     """Put the confirmed answer in the study too (a study attribute: Optuna's finished trials are read-only),
     so that whoever opens study.db sees which trial won on val/ and by how much."""
-    study = _study(space, name, results_dir)
     if study is not None:
         study.record_answer(plain(answer, nan=None))
 

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from tune_sota.config import Dist
+from tune_sota.results import study_url  # noqa: F401  (the rule lives with the results it locates)
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,6 @@ def sampler(kind: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSa
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
-
-
-def study_url(results_dir: Path, storage: str = "") -> str:
-    """Where a search keeps its study: `storage` if given, else `results_dir/study.db`."""
-    return storage or f"sqlite:///{Path(results_dir).resolve() / 'study.db'}"
 
 
 def outcome(result: dict | None, error: bool) -> TrialState:
@@ -71,6 +67,7 @@ class StudySearcher(Searcher):
         self._storage = None
         self._numbers: dict[str, int] = {}  # Ray trial id -> study trial number
         self._live: dict[int, optuna.Trial] = {}  # trials asked (or re-attached) in this process
+        self.stop_when = None  # a callable: once it answers True no trial is suggested (budget.TimeBudget)
 
     # Ray pickles the searcher with the experiment; the study is reloaded from storage instead.
     def __getstate__(self):
@@ -90,6 +87,13 @@ class StudySearcher(Searcher):
                     self._numbers[t.user_attrs[RAY_ID]] = t.number
         return self._study
 
+    def enqueue(self, first: list[tuple[dict, str]]) -> int:
+        """Put `(params, where from)` first in the study (Optuna's `enqueue_trial`): the next trials asked
+        take these values (and sample what they lack). Returns how many were enqueued."""
+        for values, where in first:
+            self.study.enqueue_trial(values, user_attrs={"enqueued_from": where}, skip_if_exists=True)
+        return len(first)
+
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         """Accept Tune's search properties: the metric and mode were given at construction, and the space
         is always our own."""
@@ -97,6 +101,8 @@ class StudySearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict | None:
         """Ask the study for a new trial's values, tagged with the Ray trial id."""
+        if self.stop_when is not None and self.stop_when():
+            return Searcher.FINISHED
         trial = self.study.ask(self.distributions)
         trial.set_user_attr(RAY_ID, trial_id)
         self._numbers[trial_id] = trial.number
