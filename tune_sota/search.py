@@ -22,7 +22,7 @@ import yaml
 from ray import tune
 
 from tune_sota import cluster, confirm, model, preflight, results, runstate, scheduler, searcher, sources, trainable
-from tune_sota.config import Config, Dist, Space, parse_space, plain, space_to_yaml, write_atomic
+from tune_sota.config import Config, Dist, Space, UserError, parse_space, plain, space_to_yaml, write_atomic
 from tune_sota.progress import Progress, tracker_callbacks
 from tune_sota.report import write_quietly
 
@@ -95,6 +95,8 @@ def _locate(space: Space, name: str | None, results_root: Path, storage: str | N
     search of the space (`runstate.target`), and takes its space and storage from its folder.
     """
     renamed_from = None
+    if results_root.exists() and not results_root.is_dir():  # else a NotADirectoryError deep inside
+        raise UserError(f"--results {results_root} is a file; give a folder for the results (it is made if missing)")
     if resume:
         name = runstate.target(results_root, name, space.name)  # a finished search is never resumed
         results_dir = results_root / name
