@@ -177,6 +177,7 @@ def test_a_driver_killed_twice_resumes_without_losing_or_repeating_work(tmp_path
     assert "killed done" in run.stdout and "confirmed on val/" in run.stdout
     trials, history = load_trials(folder), load_history(folder)
     assert len(trials) == 6, "the total is the number of trials asked for"
+    assert not trials.duplicated(["lr", "mixup"]).any(), "a resumed search ran a config again"
     study = {t.user_attrs[RAY_ID]: t for t in _study(folder, "killed")}
     assert set(trials.trial_id) <= set(study), "every Ray trial is in the study"
     assert all(t.state.name == "FAIL" for rid, t in study.items() if rid not in set(trials.trial_id)), \

@@ -77,6 +77,7 @@ def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, 
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     trials, history = load_trials(folder), load_history(folder)
     assert len(trials) == 4 and set(trials.status) <= {"completed", "stopped"}, trials
+    assert trials.lr.is_unique, "a resumed search ran a config again"
     for trial_id in interrupted.trial_id:  # went on from its checkpoint, not from epoch 1
         h = history[history.trial_id == trial_id]
         assert h.epoch.is_unique and (h.start_epoch > 0).any(), h
