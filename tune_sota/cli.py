@@ -159,17 +159,22 @@ def _search(args) -> int:
     try:
         outcome = search.run(space, name=name, results_root=args.results, storage=args.storage,
                              address=args.address, resume=bool(args.resume), command=search.command_line(),
-                             log=trackers)
+                             log=trackers, on_lost=_interrupted)
     except runstate.SearchInterrupted as stopped:
-        _counts(stopped.outcome, "interrupted after")
-        if stopped.cut:
-            print(f"  {stopped.cut} trial(s) stopped mid-epoch; they go on from their last checkpoint")
-        print(f"  nothing was exported; resume with: {stopped.command}")
-        return stopped.exit_code
+        return _interrupted(stopped)
     _summary(outcome)
     # A search that trained nothing to the end has no answer: say so in the exit code too, so that a
     # script or CI running it (and a bug that makes every trial raise) does not pass as a success.
     return 0 if outcome.best is not None else 1
+
+
+def _interrupted(stopped) -> int:
+    """The lines of a search stopped by a signal, with the command that resumes it; returns the exit code."""
+    _counts(stopped.outcome, "interrupted after")
+    if stopped.cut:
+        print(f"  {stopped.cut} trial(s) stopped mid-epoch; they go on from their last checkpoint")
+    print(f"  nothing was exported; resume with: {stopped.command}", flush=True)
+    return stopped.exit_code
 
 
 def _counts(o, what: str = "done in") -> None:

@@ -117,9 +117,11 @@ def _locate(space: Space, name: str | None, results_root: Path, storage: str | N
 
 
 def run(space: Space, *, name: str | None = None, results_root: str | Path = "results", storage: str | None = None,
-        address: str | None = None, resume: bool = False, command: str = "", out=None, log=()) -> Outcome:
+        address: str | None = None, resume: bool = False, command: str = "", out=None, log=(),
+        on_lost=None) -> Outcome:
     """Run (or resume) a search over `space`, confirm its best configs against the baseline, and write
-    the results."""
+    the results. `on_lost(SearchInterrupted) -> exit code`: how to tell the user when a signal took this
+    search's Ray down with it (runstate `_Stop.watch`); the process then exits with that code at once."""
     t0 = time.time()
     out = out or say
     space, name, renamed_from, results_dir, storage = _locate(space, name, Path(results_root).resolve(), storage,
@@ -132,6 +134,8 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
     s = space.search
     cluster.connect(address, s)  # before anything is written: a cluster without the asked GPUs is an error
     stop = runstate.catch(out)  # Ctrl-C and SIGTERM stop the search cleanly from here (runstate.py)
+    stop.on_lost = on_lost
+    stop.watch(ray.get_runtime_context().gcs_address)  # a signal to the process group kills a local Ray too
     try:
         if resume:  # running again: a driver killed from here leaves unfinished trials, not interrupted ones
             runstate.mark(results_dir, runstate.RUNNING)
@@ -145,6 +149,8 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
             # space.yaml last: it is what makes the folder a search (runstate.status), so a folder that
             # has it has its run.yaml too, whenever the driver is killed
             write_atomic(results_dir / "space.yaml", space_to_yaml(space.values, space.search, space.baseline))
+        stop.lost = lambda signum, cut: _interrupted(runstate.Stopped(signum, cut), name, results_dir, results_root,
+                                                     address, t0, renamed_from)
         judged = f"a {s.holdout:.0%} holdout of train/" if s.select_on == "holdout" else "val/ (optimistic)"
         out(f"tune-sota: searching '{space.name}' as {name}: {s.num_samples} trials, "
             f"{', '.join(searched) or 'nothing'} searched, judged on {judged}; results in {results_dir}")
