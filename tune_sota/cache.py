@@ -44,8 +44,10 @@ from tune_sota.config import Config, UserError, write_atomic
 
 VERSION = 2  # bump when the layout or the decoding changes: old caches are then never read
 SPLITS = sources.SPLITS
-# The dataset lives on the GPU when it takes at most this share of the free GPU memory: the rest
-# is for the model, its activations and the other trials that share the GPU.
+# The dataset lives on the GPU when it takes at most this share of the trial's part of the GPU (its
+# Ray-assigned fraction of the total memory, and never more than this share of what is free): the
+# rest is for the model and its activations. Each trial of several on one GPU decides alone, so the
+# budget is its own slice, not the free memory it happens to see.
 GPU_RESIDENT_SHARE = 0.2
 log = logging.getLogger(__name__)
 
@@ -297,13 +299,22 @@ def batch_tfms(cfg: Config, size: int, stats) -> list:
             Normalize.from_stats(*stats)]
 
 
-def place(train: CachedImages, valid: CachedImages, device: torch.device) -> torch.device:
-    """Move the decoded dataset onto a CUDA `device` when it fits; return where it now lives."""
+def gpu_budget(total: int, free: int, fraction: float | None) -> int:
+    """The bytes of decoded data a trial may keep on its GPU: a share of its `fraction` of the GPU's
+    `total` memory (a whole GPU when None, as outside Ray), and never more than that share of what is `free`."""
+    fraction = 1.0 if not fraction else min(1.0, fraction)
+    return int(GPU_RESIDENT_SHARE * min(fraction * total, free))
+
+
+def place(train: CachedImages, valid: CachedImages, device: torch.device,
+          gpu_fraction: float | None = None) -> torch.device:
+    """Move the decoded dataset onto a CUDA `device` when it fits in the trial's budget (`gpu_budget` of
+    its `gpu_fraction`); return where it now lives."""
     if device.type != "cuda":
         return torch.device("cpu")
-    free, _ = torch.cuda.mem_get_info(device)
+    free, total = torch.cuda.mem_get_info(device)
     shared = train.x is valid.x  # a holdout: both sets index one array
-    if train.x.nbytes + (0 if shared else valid.x.nbytes) > GPU_RESIDENT_SHARE * free:
+    if train.x.nbytes + (0 if shared else valid.x.nbytes) > gpu_budget(total, free, gpu_fraction):
         return torch.device("cpu")  # batches are then gathered on the CPU and copied without blocking
     train.to(device)
     if shared:
@@ -314,13 +325,15 @@ def place(train: CachedImages, valid: CachedImages, device: torch.device) -> tor
     return device
 
 
-def cached_dataloaders(cfg: Config, root: Path, *, device: torch.device) -> DataLoaders:
-    """DataLoaders over the decode-once cache of `root` at the config's presize, built if missing."""
+def cached_dataloaders(cfg: Config, root: Path, *, device: torch.device,
+                       gpu_fraction: float | None = None) -> DataLoaders:
+    """DataLoaders over the decode-once cache of `root` at the config's presize, built if missing;
+    `gpu_fraction`: the share of the GPU this run was given (None: all of it)."""
     if cfg.holdout:  # validate on a fixed share of train/; val/ is not decoded, not even opened
         train, valid = load_holdout(build(root, cfg.item_size, ("train",)), cfg.holdout)
     else:
         train, valid = load(build(root, cfg.item_size))
-    place(train, valid, device)
+    place(train, valid, device, gpu_fraction)
     dls = DataLoaders(CachedDL(train, bs=cfg.batch_size, shuffle=True, drop_last=True, num_workers=0),
                       CachedDL(valid, bs=cfg.batch_size, shuffle=False, num_workers=0),
                       path=root, device=device)

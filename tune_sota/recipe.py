@@ -111,21 +111,23 @@ def build_learner(cfg: Config, dls) -> Learner:
     return learn
 
 
-def make_dataloaders(cfg: Config, *, workers: int, device: torch.device):
-    """The DataLoaders for `cfg`, preparing the data source first if needed."""
+def make_dataloaders(cfg: Config, *, workers: int, device: torch.device, gpu_fraction: float | None = None):
+    """The DataLoaders for `cfg`, preparing the data source first if needed; `gpu_fraction`: the share of
+    the GPU this run was given (the cached pipeline sizes what it keeps on the GPU by it)."""
     root = sources.prepare_source(cfg.data)
     if cfg.pipeline == "cached":  # batches are gathered in-process from decoded memory: no workers to feed it
-        return cache.cached_dataloaders(cfg, root, device=device)
+        return cache.cached_dataloaders(cfg, root, device=device, gpu_fraction=gpu_fraction)
     return data.fastai_dataloaders(cfg, root, workers=workers, device=device)
 
 
 def train(cfg: Config, *, cpus: float | None = None, on_epoch: OnEpoch | None = None,
-          checkpoint: bytes | None = None, progress: bool = False) -> Learner:
+          checkpoint: bytes | None = None, progress: bool = False, gpus: float | None = None) -> Learner:
     """Train `cfg` from scratch, or on from a `checkpoint` made by `save_state`; returns the Learner.
-    `progress`: fastai's bars within each epoch, for a person watching a terminal."""
+    `progress`: fastai's bars within each epoch, for a person watching a terminal; `gpus`: the share of the
+    GPU this run was given (a Ray trial's; None: all of it)."""
     set_seed(cfg.seed)
     workers, device = resources(cfg, cpus)
-    dls = make_dataloaders(cfg, workers=workers, device=device)
+    dls = make_dataloaders(cfg, workers=workers, device=device, gpu_fraction=gpus)
     learn = build_learner(cfg, dls)
     start_epoch = 0
     if checkpoint is not None:

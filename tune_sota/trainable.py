@@ -33,6 +33,11 @@ def _assigned_cpus() -> float | None:
     return ray.get_runtime_context().get_assigned_resources().get("CPU")
 
 
+def _assigned_gpus() -> float | None:
+    """The trial's Ray-assigned share of its GPU (0.125 when eight trials share one), or None without one."""
+    return ray.get_runtime_context().get_assigned_resources().get("GPU")
+
+
 def trial(config: dict) -> None:
     """One search trial: train `config`, reporting every epoch with a checkpoint; resume from one if given."""
     _run(config, tta=False)
@@ -91,7 +96,7 @@ def _run(config: dict, tta: bool) -> None:
             tune.report({**restored, **where})
             return
     try:
-        learn = recipe.train(cfg, cpus=_assigned_cpus(), on_epoch=report, checkpoint=blob)
+        learn = recipe.train(cfg, cpus=_assigned_cpus(), on_epoch=report, checkpoint=blob, gpus=_assigned_gpus())
         if held:
             _report_with_checkpoint({**held, **recipe.score(learn)}, learn, cfg.epochs)
     except Exception as e:  # recorded, not retried: see the docstring
