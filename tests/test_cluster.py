@@ -5,6 +5,7 @@ local whatever cluster files are lying around. Every process a test starts is st
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -96,11 +97,18 @@ class RayNodes:
     def __init__(self, root: Path):
         self.root, self.groups, self.address = root, [], None
 
-    def start(self, env: dict, *args) -> str:
-        """Run `ray start ARGS` (which returns once its daemons run); the cluster's address."""
-        proc = subprocess.Popen([shutil.which("ray") or "ray", "start", "--num-cpus", "1", "--disable-usage-stats",
-                                 "--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(free_port()),
-                                 *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    def start(self, env: dict, *args, private: tuple[Path, ...] = ()) -> str:
+        """Run `ray start ARGS` (which returns once its daemons run); the cluster's address. `private`:
+        folders this node does not share with the others, as a second machine would not: the node runs in
+        a mount namespace of its own (`unshare --mount`) with an empty tmpfs over each of them."""
+        argv = [shutil.which("ray") or "ray", "start", "--num-cpus", "1", "--disable-usage-stats",
+                "--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(free_port()),
+                *map(str, args)]
+        if private:
+            mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(str(p))}" for p in private)
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    f"{mounts} && exec {shlex.join(argv)}"]
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         self.groups.append(proc.pid)  # the daemons it starts keep its session and process group
         out, _ = proc.communicate(timeout=120)
@@ -241,3 +249,49 @@ def test_a_token_here_does_not_lock_out_a_cluster_without_token_auth(nodes, ray_
             "print('MODE', os.environ.get('RAY_AUTH_MODE'), 'ACTOR', ray.get(actor.pid.remote(), timeout=60))")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0 and "MODE None ACTOR " in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
+
+
+def _can_unshare() -> bool:
+    """Whether this machine lets a test give a process a mount namespace with a tmpfs of its own (root)."""
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs tmpfs /mnt && umount /mnt"], capture_output=True, timeout=30) \
+        if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare --mount` and mount (root, as in CI)")
+def test_a_worker_that_shares_no_disk(nodes, ray_tmp, tmp_path):
+    """A worker node as a second machine is: its own view of the results folder and of the cache (a private
+    tmpfs over each), its own HOME and no TUNE_SOTA_CACHE. A search that would checkpoint where the worker
+    cannot share refuses before it starts; with a shared --storage it runs trials on both nodes, and the
+    worker builds its decoded cache where the driver's TUNE_SOTA_CACHE says."""
+    results, cache, shared = tmp_path / "results", tmp_path / "cache", tmp_path / "shared"
+    for d in (results, cache):
+        d.mkdir()
+    env = user_env(ray_tmp, ray_tmp / "home", RAY_AUTH_MODE="disabled", TUNE_SOTA_CACHE=str(cache))
+    head = nodes.start(env, "--head", "--port", free_port(), "--include-dashboard", "false",
+                       "--dashboard-port", free_port(), "--temp-dir", ray_tmp / "ray")
+    worker_env = {k: v for k, v in env.items() if not k.startswith("TUNE_SOTA")} | {"HOME": str(ray_tmp / "w")}
+    nodes.start(worker_env, "--address", head, private=(results, cache))
+    worker = nodes.groups[-1]
+
+    data = make_image_folder(tmp_path / "data", per_class=(80, 10), px=32)
+    space = write_space(tmp_path / "apart.yaml", tiny(data, size=32, presize=32, epochs=12),
+                        {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "confirm_top": 0})
+    t0 = time.time()
+    run = run_cli(env, "search", "--space", space, "--address", head, "--results", results, timeout=300)
+    assert_one_line_error(run, "the default --storage, the results folder", "is not shared by the cluster's nodes",
+                          "give --storage a folder every node sees")
+    assert time.time() - t0 < 120 and not (results / "apart").exists(), "refused before anything ran"
+    check = run_cli(env, "cluster-check", "--address", head, "--storage", results, timeout=300)
+    assert check.returncode == 1 and "NOT shared with the other nodes" in check.stdout, check.stdout
+
+    run = run_cli(env, "search", "--space", space, "--address", head, "--storage", shared, "--results", results)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    trials = load_trials(results / "apart")
+    assert len(trials) == 4 and set(trials.status) == {"completed"} and trials.node.nunique() == 2, trials
+    # What the worker sees, through its processes' root: its cache where the driver said, none under its HOME.
+    seen = Path(f"/proc/{next(p for p in nodes.mine() if os.getpgid(p) == worker)}/root")
+    assert list((seen / str(cache).lstrip("/")).glob("decoded/*/train/train.json")), "the worker built no cache there"
+    assert not (seen / str(ray_tmp / "w" / ".cache").lstrip("/")).exists()
+    assert not list((seen / str(results).lstrip("/")).iterdir()), "the worker's own results folder stays empty"

@@ -324,15 +324,20 @@ def _cluster_check(args) -> int:
     space = load_space(args.space) if args.space else None
     from tune_sota import cluster
 
-    reports = cluster.cluster_check(args.address, storage=args.storage, space=space)
+    # Without --storage a search keeps its checkpoints in its results folder: that is what to check then.
+    storage = args.storage or "results"
+    reports = cluster.cluster_check(args.address, storage=storage, space=space)
     print(f"tune-sota: cluster at {args.address}: {len(reports)} nodes, {sum(r.cpus for r in reports):g} CPUs, "
-          f"{sum(r.gpus for r in reports):g} GPUs")
+          f"{sum(r.gpus for r in reports):g} GPUs; storage {storage}"
+          f"{'' if args.storage else ' (the default: a search without --storage keeps its trials there)'}")
+    ids = {r.node_id for r in reports}
     for r in reports:
-        storage = "" if not args.storage else ", storage writable" if not r.storage else ", storage NOT writable"
+        storage = ", storage NOT writable" if r.storage else ", storage writable" + (
+            "" if len(reports) < 2 else ", shared" if r.sees == ids else ", NOT shared with the other nodes")
         data = "".join(f", data {'there' if not why else 'MISSING'}: {d}" for d, why in r.data.items())
         print(f"  node {r.node_id[:12]} {r.ip} ({r.host}): {r.cpus:g} CPUs, {r.gpus:g} GPUs, Ray {r.ray}, "
               f"Python {r.python}, tune_sota {r.tune_sota or 'MISSING'}{storage}{data}")
-    found = cluster.problems(reports, args.storage)
+    found = cluster.problems(reports, args.storage or "results")
     for line in found:
         print(f"  problem: {line}")
     print(f"tune-sota: cluster-check: {len(found)} problem(s)" if found else "tune-sota: cluster-check: ready")

@@ -188,6 +188,9 @@ class SearchSettings:
     keep_checkpoints: int | str = _opt(2, "checkpoints kept per trial (the newest); after the search only the "
                                        "trials worth loading keep theirs (the confirmed ones, else the best); "
                                        "'all' keeps every checkpoint of every trial", _keep)
+    checkpoint_every: int = _opt(5, "a trial also checkpoints every N epochs (besides its rungs and its last epoch, "
+                                 "where it always does), for what a lost node or a stop costs; 0 = only there",
+                                 _between(0, 100000))
 
 
 # Keys of older space files: renamed ones are read under their new name, retired ones explain themselves.

@@ -138,7 +138,8 @@ class _Stop:
             self.waiting = {t.trial_id for t in trials if t.status == "RUNNING"}
             if self.waiting:
                 self.out(f"tune-sota: stopping: {len(self.waiting)} running trial(s) stop at their next checkpoint "
-                         f"(the end of their epoch); Ctrl-C again stops them now, at their last one")
+                         f"(a rung, their last epoch, or every search.checkpoint_every epochs); Ctrl-C again stops "
+                         f"them now, at their last one")
         if self.now or not self.waiting:
             self._fire()
 

@@ -25,6 +25,7 @@ from tune_sota import cluster, confirm, model, preflight, results, runstate, sch
 from tune_sota.config import Config, Dist, Space, UserError, parse_space, plain, space_to_yaml, write_atomic
 from tune_sota.progress import Progress, tracker_callbacks
 from tune_sota.report import write_quietly
+from tune_sota.schedule import rung_shares
 
 METRIC, MODE = "accuracy", "max"
 log = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
     searched = list(space.searched)
     s = space.search
     cluster.connect(address, s)  # before anything is written: a cluster without the asked GPUs is an error
+    if address:  # trials on other machines checkpoint to `storage`: it must be one folder they all see
+        cluster.check_storage(storage, default=storage == str(Path(results_root).resolve()))
     stop = runstate.catch(out)  # Ctrl-C and SIGTERM stop the search cleanly from here (runstate.py)
     stop.on_lost = on_lost
     stop.watch(ray.get_runtime_context().gcs_address)  # a signal to the process group kills a local Ray too
@@ -154,7 +157,8 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
         judged = f"a {s.holdout:.0%} holdout of train/" if s.select_on == "holdout" else "val/ (optimistic)"
         out(f"tune-sota: searching '{space.name}' as {name}: {s.num_samples} trials, "
             f"{', '.join(searched) or 'nothing'} searched, judged on {judged}; results in {results_dir}")
-        fn = tune.with_resources(trainable.trial, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+        fn = tune.with_resources(tune.with_parameters(trainable.trial, **checkpoint_plan(space)),
+                                 {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
         if resume and tune.Tuner.can_restore(f"{storage.rstrip('/')}/{name}"):  # else stopped before Ray saved
             tuner = tune.Tuner.restore(f"{storage.rstrip('/')}/{name}", trainable=fn, resume_unfinished=True,
                                        resume_errored=True)
@@ -243,6 +247,14 @@ def param_space(space: Space) -> dict:
     s = space.search
     fixed = {k: v for k, v in space.values.items() if not isinstance(v, Dist)}
     return {**fixed, "holdout": s.holdout if s.select_on == "holdout" else 0.0}
+
+
+def checkpoint_plan(space: Space) -> dict:
+    """What a trial needs to know to checkpoint only where it must (`trainable.checkpoint_epochs`): the
+    rung shares of the space's schedule-fair ASHA and `search.checkpoint_every`."""
+    s = space.search
+    shares = rung_shares(s.grace, s.reduction_factor) if s.scheduler == "asha" else []
+    return {"shares": shares, "every": s.checkpoint_every}
 
 
 def trial_dirname(trial) -> str:
