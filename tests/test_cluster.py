@@ -293,5 +293,75 @@ def test_a_worker_that_shares_no_disk(nodes, ray_tmp, tmp_path):
     # What the worker sees, through its processes' root: its cache where the driver said, none under its HOME.
     seen = Path(f"/proc/{next(p for p in nodes.mine() if os.getpgid(p) == worker)}/root")
     assert list((seen / str(cache).lstrip("/")).glob("decoded/*/train/train.json")), "the worker built no cache there"
-    assert not (seen / str(ray_tmp / "w" / ".cache").lstrip("/")).exists()
+    assert not (seen / str(ray_tmp / "w" / ".cache" / "tune_sota").lstrip("/")).exists()
     assert not list((seen / str(results).lstrip("/")).iterdir()), "the worker's own results folder stays empty"
+
+
+@pytest.fixture
+def s3(tmp_path):
+    """A local S3 (moto's server on 127.0.0.1) with one bucket, and the environment that points at it:
+    pyarrow, which Ray's storage goes through, reads the endpoint from AWS_ENDPOINT_URL."""
+    pytest.importorskip("moto.server", reason="needs moto[server] (the test extra)")
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        end = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < end and server.poll() is None, "moto's server did not start"
+                time.sleep(0.3)
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket="tune")
+        yield env, client
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="tune", Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_s3_storage_keeps_checkpoints_in_the_bucket_and_resumes_after_a_killed_driver(s3, tmp_path, ray_tmp):
+    """The README's `--storage s3://...`, tested: a search on S3 (a local moto server), its driver killed with
+    its local Ray mid-search, resumed from what the bucket holds, finished."""
+    env, client = s3
+    env = {**os.environ, **env, "RAY_TMPDIR": str(ray_tmp), "PYTHONWARNINGS": "ignore"}
+    data = make_image_folder(tmp_path / "data", per_class=(40, 6), px=24)
+    space = write_space(tmp_path / "ons3.yaml", {**tiny(data, epochs=3), "lr": {"loguniform": [1e-3, 1e-2]}},
+                        {"num_samples": 3, "max_concurrent": 1, "cpus_per_trial": 1, "scheduler": "fifo",
+                         "confirm_top": 0, "checkpoint_every": 1})
+    results = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-m", "tune_sota.cli", "search", "--space", str(space), "--results",
+                             str(results), "--storage", "s3://tune/searches"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        end = time.time() + 400
+        while not any("/checkpoint_" in k for k in _keys(client, "searches/ons3/")):
+            assert time.time() < end and proc.poll() is None, proc.stdout.read()[-3000:] if proc.poll() else "timeout"
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, 9)  # the driver and its local Ray, as a lost machine would
+        proc.wait(60)
+    assert not (results / "ons3" / "trials.csv").exists(), "killed mid-search"
+
+    run = subprocess.run([sys.executable, "-m", "tune_sota.cli", "search", "--resume", "ons3", "--results",
+                          str(results)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    trials = load_trials(results / "ons3")
+    assert len(trials) == 3 and set(trials.status) == {"completed"} and trials.lr.is_unique, trials
+    keys = _keys(client, "searches/ons3/")
+    assert any(k.endswith("experiment_state.json") or "experiment_state" in k for k in keys), keys[:20]
+    best = {k.split("/")[2] for k in keys if "/checkpoint_" in k and k.endswith("state.pt")}
+    assert best, "the trials' checkpoints are in the bucket"
+    assert not list((results / "ons3").glob("trial_*/checkpoint_*")), "and not on the driver's disk"
