@@ -71,7 +71,7 @@ def test_a_cluster_search_keeps_everything_in_shared_storage_and_survives_a_lost
     c, worker = cluster
     space = write_space(tmp_path / "loss.yaml", tiny(slower_folder, size=32, presize=36, epochs=8),
                         {"num_samples": 3, "max_concurrent": 3, "cpus_per_trial": 1, "scheduler": "fifo",
-                         "confirm_top": 1, "confirm_seeds": 1})
+                         "confirm_top": 1, "confirm_seeds": 1, "checkpoint_every": 1})  # lost after epoch 2
     proc = _popen("search", "--space", space, "--address", c.address, "--storage", tmp_path / "shared",
                   "--results", tmp_path / "results")
     experiment, folder = tmp_path / "shared" / "loss", tmp_path / "results" / "loss"
