@@ -190,7 +190,7 @@ class _Stop:
             if signum is None:
                 continue
             refused = refused + 1 if not _answers(gcs_address) else 0
-            if refused >= 2:  # twice, half a second apart: not a GCS busy for a moment
+            if refused >= 2 and self._wake is not None:  # twice, apart: not a busy GCS; not one ray.shutdown ended
                 self._lost(signum)
                 return
 
