@@ -382,8 +382,9 @@ def _sharing(reports: list[NodeReport], storage: str, prefix: str, pinned: dict,
                     for r in reports], timeout=120)
     for r, s in zip(reports, seen):
         r.sees = set(s)
-    ray.get(remove.options(scheduling_strategy=pinned[reports[0].node_id]).remote(
-        storage, [prefix + r.node_id for r in reports]), timeout=120)
+    # each node removes its own marker: where the storage is not shared, no other node can
+    ray.get([remove.options(scheduling_strategy=pinned[r.node_id]).remote(storage, [prefix + r.node_id])
+             for r in reports], timeout=120)
 
 
 def unshared(storage: str) -> list[NodeReport]:
