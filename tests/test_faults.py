@@ -141,7 +141,11 @@ def test_a_driver_killed_twice_resumes_without_losing_or_repeating_work(tmp_path
                         {**tiny(image_folder, epochs=4), "lr": {"loguniform": [1e-3, 1e-2]},
                          "mixup": {"choice": [0.0, 0.2]}},
                         {"num_samples": 6, "max_concurrent": 2, "cpus_per_trial": 1, "startup_trials": 2,
-                         "confirm_top": 1, "confirm_seeds": 3})  # 3 runs of the winner + 3 of the baseline
+                         "confirm_top": 1, "confirm_seeds": 3,  # 3 runs of the winner + 3 of the baseline
+                         # Ray snapshots its state at once after num_to_keep checkpoints of a trial, else every
+                         # 2 s: with a checkpoint each epoch, a trial that ended just before the kill is known
+                         # to have ended (with sparser ones it may rerun the epochs since its last but one)
+                         "checkpoint_every": 1})
     folder = tmp_path / "results" / "killed"
 
     def finished() -> list:
