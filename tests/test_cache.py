@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -25,9 +26,9 @@ def folder(tmp_path):
 
 def test_built_once_then_reused(folder):
     first = cache.build(folder, 20)
-    stamp = (first / "train.npy").stat().st_mtime_ns
+    stamp = (first / "train" / "train.npy").stat().st_mtime_ns
     again = cache.build(folder, 20)
-    assert again == first and (again / "train.npy").stat().st_mtime_ns == stamp
+    assert again == first and (again / "train" / "train.npy").stat().st_mtime_ns == stamp
     assert [p.name for p in first.parent.iterdir() if p.name.startswith(first.name)] == [first.name]
     assert cache.build(folder, 16) != first  # another presize is another cache
 
@@ -124,8 +125,8 @@ def test_a_few_undecodable_images_are_skipped_and_mostly_undecodable_data_is_an_
     kept = [(p, y) for p, y in sources.scan(src).splits["train"] if p not in cut]
     assert train.y.tolist() == [y for _, y in kept] and len(valid) == 9
     assert all(torch.equal(train.x[i], torch.from_numpy(cache.decode(p, 20).copy())) for i, (p, _) in enumerate(kept))
-    meta = json.loads((folder / "train.json").read_text())
-    assert meta["count"] == 16 and json.loads((folder / "val.json").read_text())["count"] == 9
+    meta = json.loads((folder / "train" / "train.json").read_text())
+    assert meta["count"] == 16 and json.loads((folder / "val" / "val.json").read_text())["count"] == 9
     assert sorted(meta["skipped"]) == [f"train/green/{f.name}" for f in cut]
 
     for f in (src / "val").rglob("*.png"):
@@ -133,7 +134,7 @@ def test_a_few_undecodable_images_are_skipped_and_mostly_undecodable_data_is_an_
     with pytest.raises(UserError, match=r"9 of 9 images in .*val could not be decoded"):
         cache.build(src, 20)
     again = cache.cache_path(src, 20)  # the val/ files changed: another cache, with no half-built split left
-    assert not [p for p in again.iterdir() if p.name.startswith(".tmp")] and not (again / "val.json").exists()
+    assert not [p for p in again.iterdir() if p.name.startswith(".tmp")] and not (again / "val").exists()
 
 
 @pytest.mark.parametrize("pipeline", ["cached", "fastai"])
@@ -149,7 +150,7 @@ def test_holdout_is_fixed_stratified_and_never_reads_val(tmp_path, pipeline):
     labels = [y for _, y in sources.scan(src, ("train",)).splits["train"]]
     assert sorted(labels[i] for i in held) == [0, 0, 1, 1, 2, 2], "2 of each class's 10 held out"
     if pipeline == "cached":
-        assert not (cache.cache_path(src, cfg.item_size) / "val.json").exists(), "val/ was not decoded"
+        assert not (cache.cache_path(src, cfg.item_size) / "val").exists(), "val/ was not decoded"
 
 
 def cfg_dls(cfg, src):
@@ -183,3 +184,70 @@ def test_chapter7_augmentation_on_cached_batches(folder):
     assert dls.train.one_batch()[0].shape == (4, 3, 16, 16)
     plain = torch.cat([b[0] for b in dls.valid])
     assert plain.shape[-1] == 16 and torch.equal(plain, torch.cat([b[0] for b in dls.valid]))
+
+
+def test_eight_trials_on_one_gpu_each_keep_to_their_slice():
+    """Eight trials at 0.125 GPU each decide alone where their cache goes. Against a fifth of the free memory,
+    each saw room for a 7.7 GB cache (100k images at 160 px) and together they placed 62 GB; against their
+    own slice of the total, none does, and what they place never passes a fifth of the GPU."""
+    gb = 2**30
+    total = 141 * gb
+    for cache_bytes, placed_by_all in ((int(7.7 * gb), False), (1 * gb, True)):
+        free, placed = total - 2 * gb, 0
+        for _ in range(8):
+            budget = cache.gpu_budget(total, free, 0.125)
+            assert budget <= cache.GPU_RESIDENT_SHARE * total / 8 + 1
+            if cache_bytes <= budget:
+                free, placed = free - cache_bytes, placed + cache_bytes
+        assert placed <= cache.GPU_RESIDENT_SHARE * total and (placed == 8 * cache_bytes) is placed_by_all
+    # a whole GPU (or no Ray) keeps the old budget, and what others use is never counted as free
+    assert cache.gpu_budget(total, 100 * gb, None) == cache.gpu_budget(total, 100 * gb, 1.0) == int(0.2 * 100 * gb)
+
+
+def test_two_builders_with_a_lock_that_does_nothing(tmp_path, monkeypatch):
+    """NFS without working locks: two builders decode the same split at once. Neither deletes the other's
+    temporary folder, the split is published once and never replaced under a reader's memory map, and only
+    a temporary folder proven abandoned (this host's, of a dead process) is cleaned up."""
+    import socket
+    import threading
+
+    src = make_image_folder(tmp_path / "nolock", per_class=(20, 5), px=24)
+    monkeypatch.setattr(cache.fcntl, "flock", lambda *a: None)
+    folder = cache.cache_path(src, 20)
+    folder.mkdir(parents=True)
+    dead = _dead_pid()
+    abandoned = folder / f"{cache.TMP}{dead}@{socket.gethostname()}.abc123"
+    elsewhere = folder / f"{cache.TMP}{os.getpid()}@another-host.abc123"  # maybe building there right now
+    for d in (abandoned, elsewhere):
+        d.mkdir()
+    both, decode, tmps = threading.Barrier(2, timeout=60), cache._decode_into, []
+
+    def decode_together(tmp, *args):
+        tmps.append(tmp)
+        meta = decode(tmp, *args)
+        both.wait()  # both builders hold a decoded split; neither has published
+        return meta
+
+    monkeypatch.setattr(cache, "_decode_into", decode_together)
+    out = []
+    builders = [threading.Thread(target=lambda: out.append(cache.build(src, 20, ("train",)))) for _ in range(2)]
+    for b in builders:
+        b.start()
+    for b in builders:
+        b.join(120)
+    assert out == [folder, folder] and len(tmps) == 2
+    published = (folder / "train").stat().st_ino
+    assert not any(t.exists() for t in tmps), "each builder removed only its own temporary folder"
+    assert not abandoned.exists() and elsewhere.exists()
+    x = cache.load_split(folder, "train", 0).x  # a reader maps the split; a later build must not touch it
+    monkeypatch.setattr(cache, "_decode_into", decode)
+    assert cache.build(src, 20) == folder and (folder / "train").stat().st_ino == published
+    assert x.shape[0] == 60 and torch.equal(x[0], torch.from_numpy(cache.decode(sources.scan(src).splits["train"][0][0],
+                                                                              20).copy()))
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid

@@ -282,3 +282,28 @@ def test_a_download_that_fails_for_another_reason_keeps_its_cause(tmp_path):
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     (line,) = run.stderr.strip().splitlines()
     assert "could not download imagenette2-160: MissingSectionHeaderError" in line and "without network" not in line
+
+
+def test_results_that_is_a_file_is_one_line(tmp_path, capsys, image_folder):
+    """`--results FILE` once ended in NotADirectoryError from deep inside the search."""
+    afile = tmp_path / "afile.yaml"
+    afile.write_text("lr: 0.01\n")
+    space = write_space(tmp_path / "s.yaml", tiny(image_folder))
+    code, err = run_main(capsys, "search", "--space", space, "--results", afile)
+    assert_one_line_error(code, err, f"--results {afile} is a file")
+    assert afile.read_text() == "lr: 0.01\n"
+
+
+def test_trials_of_a_folder_no_search_wrote_is_one_line(tmp_path, capsys):
+    """A folder without a search's files once got Ray's 'check if you specified the correct experiment path'."""
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "notes.txt").write_text("hello\n")
+    for argv in (["trials", tmp_path / "stray"], ["trials", "--history", tmp_path / "stray"]):
+        code, err = run_main(capsys, *argv)
+        assert_one_line_error(code, err, "is not a results folder")
+    # a search's folder that Ray never saved state in (stopped at once): one line too
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "space.yaml").write_text("lr: 0.01\n")
+    (tmp_path / "early" / "run.yaml").write_text(f"experiment: {tmp_path / 'nowhere'}\n")
+    code, err = run_main(capsys, "trials", tmp_path / "early")
+    assert_one_line_error(code, err, "recorded no trial yet")

@@ -5,6 +5,7 @@ local whatever cluster files are lying around. Every process a test starts is st
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -96,11 +97,18 @@ class RayNodes:
     def __init__(self, root: Path):
         self.root, self.groups, self.address = root, [], None
 
-    def start(self, env: dict, *args) -> str:
-        """Run `ray start ARGS` (which returns once its daemons run); the cluster's address."""
-        proc = subprocess.Popen([shutil.which("ray") or "ray", "start", "--num-cpus", "1", "--disable-usage-stats",
-                                 "--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(free_port()),
-                                 *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    def start(self, env: dict, *args, private: tuple[Path, ...] = ()) -> str:
+        """Run `ray start ARGS` (which returns once its daemons run); the cluster's address. `private`:
+        folders this node does not share with the others, as a second machine would not: the node runs in
+        a mount namespace of its own (`unshare --mount`) with an empty tmpfs over each of them."""
+        argv = [shutil.which("ray") or "ray", "start", "--num-cpus", "1", "--disable-usage-stats",
+                "--node-ip-address", "127.0.0.1", "--dashboard-agent-listen-port", str(free_port()),
+                *map(str, args)]
+        if private:
+            mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(str(p))}" for p in private)
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    f"{mounts} && exec {shlex.join(argv)}"]
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         self.groups.append(proc.pid)  # the daemons it starts keep its session and process group
         out, _ = proc.communicate(timeout=120)
@@ -241,3 +249,119 @@ def test_a_token_here_does_not_lock_out_a_cluster_without_token_auth(nodes, ray_
             "print('MODE', os.environ.get('RAY_AUTH_MODE'), 'ACTOR', ray.get(actor.pid.remote(), timeout=60))")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0 and "MODE None ACTOR " in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
+
+
+def _can_unshare() -> bool:
+    """Whether this machine lets a test give a process a mount namespace with a tmpfs of its own (root)."""
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs tmpfs /mnt && umount /mnt"], capture_output=True, timeout=30) \
+        if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare --mount` and mount (root, as in CI)")
+def test_a_worker_that_shares_no_disk(nodes, ray_tmp, tmp_path):
+    """A worker node as a second machine is: its own view of the results folder and of the cache (a private
+    tmpfs over each), its own HOME and no TUNE_SOTA_CACHE. A search that would checkpoint where the worker
+    cannot share refuses before it starts; with a shared --storage it runs trials on both nodes, and the
+    worker builds its decoded cache where the driver's TUNE_SOTA_CACHE says."""
+    results, cache, shared = tmp_path / "results", tmp_path / "cache", tmp_path / "shared"
+    for d in (results, cache):
+        d.mkdir()
+    env = user_env(ray_tmp, ray_tmp / "home", RAY_AUTH_MODE="disabled", TUNE_SOTA_CACHE=str(cache))
+    head = nodes.start(env, "--head", "--port", free_port(), "--include-dashboard", "false",
+                       "--dashboard-port", free_port(), "--temp-dir", ray_tmp / "ray")
+    worker_env = {k: v for k, v in env.items() if not k.startswith("TUNE_SOTA")} | {"HOME": str(ray_tmp / "w")}
+    nodes.start(worker_env, "--address", head, private=(results, cache))
+    worker = nodes.groups[-1]
+
+    data = make_image_folder(tmp_path / "data", per_class=(80, 10), px=32)
+    space = write_space(tmp_path / "apart.yaml", tiny(data, size=32, presize=32, epochs=12),
+                        {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "confirm_top": 0})
+    t0 = time.time()
+    run = run_cli(env, "search", "--space", space, "--address", head, "--results", results, timeout=300)
+    assert_one_line_error(run, "the default --storage, the results folder", "is not shared by the cluster's nodes",
+                          "give --storage a folder every node sees")
+    assert time.time() - t0 < 120 and not (results / "apart").exists(), "refused before anything ran"
+    check = run_cli(env, "cluster-check", "--address", head, "--storage", results, timeout=300)
+    assert check.returncode == 1 and "NOT shared with the other nodes" in check.stdout, check.stdout
+
+    run = run_cli(env, "search", "--space", space, "--address", head, "--storage", shared, "--results", results)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    trials = load_trials(results / "apart")
+    assert len(trials) == 4 and set(trials.status) == {"completed"} and trials.node.nunique() == 2, trials
+    # What the worker sees, through its processes' root: its cache where the driver said, none under its HOME.
+    seen = Path(f"/proc/{next(p for p in nodes.mine() if os.getpgid(p) == worker)}/root")
+    assert list((seen / str(cache).lstrip("/")).glob("decoded/*/train/train.json")), "the worker built no cache there"
+    assert not (seen / str(ray_tmp / "w" / ".cache" / "tune_sota").lstrip("/")).exists()
+    assert not list((seen / str(results).lstrip("/")).iterdir()), "the worker's own results folder stays empty"
+
+
+@pytest.fixture
+def s3(tmp_path):
+    """A local S3 (moto's server on 127.0.0.1) with one bucket, and the environment that points at it:
+    pyarrow, which Ray's storage goes through, reads the endpoint from AWS_ENDPOINT_URL."""
+    pytest.importorskip("moto.server", reason="needs moto[server] (the test extra)")
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        end = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < end and server.poll() is None, "moto's server did not start"
+                time.sleep(0.3)
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket="tune")
+        yield env, client
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _keys(client, prefix: str) -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="tune", Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_s3_storage_keeps_checkpoints_in_the_bucket_and_resumes_after_a_killed_driver(s3, tmp_path, ray_tmp):
+    """The README's `--storage s3://...`, tested: a search on S3 (a local moto server), its driver killed with
+    its local Ray mid-search, resumed from what the bucket holds, finished."""
+    env, client = s3
+    env = {**os.environ, **env, "RAY_TMPDIR": str(ray_tmp), "PYTHONWARNINGS": "ignore"}
+    data = make_image_folder(tmp_path / "data", per_class=(40, 6), px=24)
+    space = write_space(tmp_path / "ons3.yaml", {**tiny(data, epochs=3), "lr": {"loguniform": [1e-3, 1e-2]}},
+                        {"num_samples": 3, "max_concurrent": 1, "cpus_per_trial": 1, "scheduler": "fifo",
+                         "confirm_top": 0, "checkpoint_every": 1})
+    results = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-m", "tune_sota.cli", "search", "--space", str(space), "--results",
+                             str(results), "--storage", "s3://tune/searches"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        end = time.time() + 400
+        while not any("/checkpoint_" in k for k in _keys(client, "searches/ons3/")):
+            assert time.time() < end and proc.poll() is None, proc.stdout.read()[-3000:] if proc.poll() else "timeout"
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, 9)  # the driver and its local Ray, as a lost machine would
+        proc.wait(60)
+    assert not (results / "ons3" / "trials.csv").exists(), "killed mid-search"
+
+    run = subprocess.run([sys.executable, "-m", "tune_sota.cli", "search", "--resume", "ons3", "--results",
+                          str(results)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    trials = load_trials(results / "ons3")
+    assert len(trials) == 3 and set(trials.status) == {"completed"} and trials.lr.is_unique, trials
+    keys = _keys(client, "searches/ons3/")
+    assert any(k.endswith("experiment_state.json") or "experiment_state" in k for k in keys), keys[:20]
+    best = {k.split("/")[2] for k in keys if "/checkpoint_" in k and k.endswith("state.pt")}
+    assert best, "the trials' checkpoints are in the bucket"
+    assert not list((results / "ons3").glob("trial_*/checkpoint_*")), "and not on the driver's disk"

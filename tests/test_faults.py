@@ -71,7 +71,7 @@ def test_a_cluster_search_keeps_everything_in_shared_storage_and_survives_a_lost
     c, worker = cluster
     space = write_space(tmp_path / "loss.yaml", tiny(slower_folder, size=32, presize=36, epochs=8),
                         {"num_samples": 3, "max_concurrent": 3, "cpus_per_trial": 1, "scheduler": "fifo",
-                         "confirm_top": 1, "confirm_seeds": 1})
+                         "confirm_top": 1, "confirm_seeds": 1, "checkpoint_every": 1})  # lost after epoch 2
     proc = _popen("search", "--space", space, "--address", c.address, "--storage", tmp_path / "shared",
                   "--results", tmp_path / "results")
     experiment, folder = tmp_path / "shared" / "loss", tmp_path / "results" / "loss"
@@ -141,7 +141,11 @@ def test_a_driver_killed_twice_resumes_without_losing_or_repeating_work(tmp_path
                         {**tiny(image_folder, epochs=4), "lr": {"loguniform": [1e-3, 1e-2]},
                          "mixup": {"choice": [0.0, 0.2]}},
                         {"num_samples": 6, "max_concurrent": 2, "cpus_per_trial": 1, "startup_trials": 2,
-                         "confirm_top": 1, "confirm_seeds": 3})  # 3 runs of the winner + 3 of the baseline
+                         "confirm_top": 1, "confirm_seeds": 3,  # 3 runs of the winner + 3 of the baseline
+                         # Ray snapshots its state at once after num_to_keep checkpoints of a trial, else every
+                         # 2 s: with a checkpoint each epoch, a trial that ended just before the kill is known
+                         # to have ended (with sparser ones it may rerun the epochs since its last but one)
+                         "checkpoint_every": 1})
     folder = tmp_path / "results" / "killed"
 
     def finished() -> list:
@@ -177,6 +181,7 @@ def test_a_driver_killed_twice_resumes_without_losing_or_repeating_work(tmp_path
     assert "killed done" in run.stdout and "confirmed on val/" in run.stdout
     trials, history = load_trials(folder), load_history(folder)
     assert len(trials) == 6, "the total is the number of trials asked for"
+    assert not trials.duplicated(["lr", "mixup"]).any(), "a resumed search ran a config again"
     study = {t.user_attrs[RAY_ID]: t for t in _study(folder, "killed")}
     assert set(trials.trial_id) <= set(study), "every Ray trial is in the study"
     assert all(t.state.name == "FAIL" for rid, t in study.items() if rid not in set(trials.trial_id)), \

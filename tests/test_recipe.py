@@ -53,3 +53,23 @@ def test_evaluate_reloads_a_checkpoint_to_the_same_accuracy(image_folder):
 def test_training_code_never_imports_ray():
     code = "import sys, tune_sota.recipe, tune_sota.data; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("pipeline", ["cached", "fastai"])
+def test_a_resumed_run_draws_what_the_uninterrupted_one_did(image_folder, pipeline):
+    """Shuffling, crops, flips and MixUp after a resume come from the checkpoint's random state: epochs 3
+    and 4 of a run resumed after epoch 2 match the uninterrupted run's (they once replayed epoch 1's draws)."""
+    cfg = Config(**tiny(image_folder, epochs=4, mixup=0.4, resize="12>16", pipeline=pipeline, workers=0))
+    rows, states = {}, {}
+
+    def keep(r, learn):
+        rows[r.epoch] = (r.train_loss, r.valid_loss, r.accuracy)
+        states[r.epoch] = recipe.save_state(learn, r.epoch)
+
+    recipe.train(cfg, cpus=1, on_epoch=keep)
+    resumed = {}
+    recipe.train(cfg, cpus=1, checkpoint=states[2],
+                 on_epoch=lambda r, _: resumed.__setitem__(r.epoch, (r.train_loss, r.valid_loss, r.accuracy)))
+    assert sorted(resumed) == [3, 4]
+    for epoch in (3, 4):  # the model after each epoch; train_loss is fastai's running mean, which restarts per fit
+        assert resumed[epoch][1:] == pytest.approx(rows[epoch][1:], rel=1e-4, abs=1e-6), epoch

@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,7 @@ def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, 
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     trials, history = load_trials(folder), load_history(folder)
     assert len(trials) == 4 and set(trials.status) <= {"completed", "stopped"}, trials
+    assert trials.lr.is_unique, "a resumed search ran a config again"
     for trial_id in interrupted.trial_id:  # went on from its checkpoint, not from epoch 1
         h = history[history.trial_id == trial_id]
         assert h.epoch.is_unique and (h.start_epoch > 0).any(), h
@@ -269,3 +271,31 @@ def test_load_model_says_what_it_needs(tmp_path):
     (tmp_path / "best.yaml").write_text("data: digits\n")
     with pytest.raises(UserError, match="names no checkpoint; train it into a model"):
         load_model(tmp_path / "best.yaml")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_stops_in_seconds_and_resumes(tmp_path, slower_folder):
+    """As SLURM's scancel, systemd and `timeout` do: SIGTERM to the whole group, the local Ray's daemons
+    included. The search once hung 60 s on "Failed to connect to GCS", exited 1 and stayed `running`."""
+    space = write_space(tmp_path / "group.yaml", {**tiny(slower_folder, epochs=3, size=32, presize=32),
+                                                  "lr": {"loguniform": [1e-3, 1e-2]}},
+                        {"num_samples": 2, "max_concurrent": 2, "cpus_per_trial": 1, "scheduler": "fifo",
+                         "confirm_top": 0})
+    results = tmp_path / "results"
+    folder = results / "group"
+    proc = _popen("search", "--space", space, "--results", results)  # its own session: a group to signal
+    _wait(lambda: any(r["epoch"] >= 1 for r in _results(folder)), 300, "a trial's first epoch", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    t0 = time.monotonic()
+    out, _ = proc.communicate(timeout=120)
+    took = time.monotonic() - t0
+    assert proc.returncode == 143, out[-3000:]
+    assert took < 20, f"{took:.0f} s from SIGTERM to exit"
+    assert "Failed to connect to GCS" not in out
+    assert yaml.safe_load((folder / "run.yaml").read_text())["status"] == "interrupted"
+    resume_line = [line for line in out.splitlines() if "resume with:" in line]
+    assert len(resume_line) == 1 and "--resume group" in resume_line[0], out[-3000:]
+    resumed = cli(*_resume_argv(resume_line[0]))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    trials = load_trials(folder)
+    assert len(trials) == 2 and set(trials.status) == {"completed"} and trials.lr.is_unique, trials

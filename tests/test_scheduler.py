@@ -131,3 +131,22 @@ def test_fair_asha_keeps_the_long_schedule_that_stock_asha_stops(tmp_path):
     best_final = accuracy(8, 1.0, 8)
     assert {"epochs": 8, "q": 1.0} not in stock_done and stock < best_final, "stock ASHA stops the long run mid-way"
     assert fair == pytest.approx(best_final) and {"epochs": 8, "q": 0.5} not in fair_done
+
+
+@pytest.mark.parametrize("epochs", [3, 7, 12, 40])
+def test_trials_checkpoint_where_asha_judges_them_at_the_end_and_every_n(epochs):
+    """A checkpoint every epoch (283 MB for xresnet50 with Adam) is only needed at the rungs, at the end, and
+    every `search.checkpoint_every` epochs for faults: those are the epochs a trial checkpoints."""
+    from tune_sota.trainable import checkpoint_epochs
+
+    shares = rung_shares(0.25, 2)
+    asha = ScheduleASHA(shares=shares, reduction_factor=2, metric="accuracy", mode="max")
+    judged = set()
+    for epoch in range(1, epochs + 1):
+        before = sum(len(r) for r in asha.records.values())
+        asha.decide("t", epoch, epochs, 0.5)
+        if sum(len(r) for r in asha.records.values()) > before:
+            judged.add(epoch)
+    assert checkpoint_epochs(epochs, shares, 0) == judged | {epochs}
+    assert checkpoint_epochs(epochs, shares, 5) == judged | {epochs} | set(range(5, epochs + 1, 5))
+    assert checkpoint_epochs(epochs, (), 1) == set(range(1, epochs + 1)), "every 1: each epoch, as before"

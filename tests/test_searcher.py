@@ -70,3 +70,24 @@ def test_restored_searcher_carries_on_with_the_same_study(searcher, tmp_path):
     again.record_answer({"winner": {"trial_id": "b", "accuracy_mean": 0.9}, "gain_points": 2.5})
     confirmed = optuna.load_study(study_name="s", storage=study_url(tmp_path)).user_attrs["confirmed"]
     assert confirmed["winner_number"] == 1 and confirmed["gain_points"] == 2.5
+
+
+@pytest.mark.parametrize("kind", ["tpe", "random"])
+def test_a_resumed_searcher_proposes_what_an_uninterrupted_one_would_never_a_repeat(tmp_path, kind):
+    """A searcher rebuilt on the same study (a resumed search) once restarted its seeded start-up proposals:
+    trial 3 repeated trial 0's config. Each proposal now depends on the seed and the trial's number."""
+    def make(path):
+        return StudySearcher(SPACE, storage=study_url(path), study_name="s", metric="accuracy", mode="max",
+                             kind=kind, seed=7, startup_trials=6)
+
+    for d in ("whole", "cut"):
+        (tmp_path / d).mkdir()
+    whole = make(tmp_path / "whole")
+    straight = [whole.suggest(f"t{i}") for i in range(6)]
+    first = make(tmp_path / "cut")
+    cut = [first.suggest(f"t{i}") for i in range(3)]
+    resumed = pickle.loads(pickle.dumps(first))  # as Ray restores it: the study comes back from storage
+    resumed.restore(str(tmp_path / "ckpt"))
+    cut += [resumed.suggest(f"t{i}") for i in range(3, 6)]
+    assert cut == straight
+    assert len({tuple(sorted(c.items())) for c in cut}) == 6, cut

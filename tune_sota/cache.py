@@ -7,9 +7,9 @@ hash of (source path, presize, every image's path, size and mtime): change a fil
 decodes into a new folder. Each split is decoded only when a run needs it (a search that selects on
 a holdout never opens val/ until its confirmation runs) into `SPLIT.npy` (N x 3 x presize x presize
 uint8, memory-mapped when read, so the trials of a node share one copy in the page cache),
-`SPLIT_labels.npy` and `SPLIT.json` (the class list, what was skipped), the last written last. One
-process builds a split under a file lock; the others wait and then read it. Its files are renamed
-into place from a finished temporary folder, so a reader never sees half a split.
+`SPLIT_labels.npy` and `SPLIT.json` (the class list, what was skipped), in the folder `SPLIT/`. One
+process builds a split under a file lock; the others wait and then read it. The split's folder is
+renamed into place once finished, so a reader never sees half a split, and never replaced (`build`).
 
 It stays a fastai `DataLoaders` of `TfmdDL`s feeding a fastai `Learner`, so MixUp, label smoothing,
 progressive resizing (`data.set_train_size`) and `Learner.tta` work as on fastai's own pipeline.
@@ -18,6 +18,7 @@ progressive resizing (`data.set_train_size`) and `Learner.tta` work as on fastai
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -25,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,10 +44,12 @@ from PIL import Image
 from tune_sota import data, sources
 from tune_sota.config import Config, UserError, write_atomic
 
-VERSION = 2  # bump when the layout or the decoding changes: old caches are then never read
+VERSION = 3  # bump when the layout or the decoding changes: old caches are then never read
 SPLITS = sources.SPLITS
-# The dataset lives on the GPU when it takes at most this share of the free GPU memory: the rest
-# is for the model, its activations and the other trials that share the GPU.
+# The dataset lives on the GPU when it takes at most this share of the trial's part of the GPU (its
+# Ray-assigned fraction of the total memory, and never more than this share of what is free): the
+# rest is for the model and its activations. Each trial of several on one GPU decides alone, so the
+# budget is its own slice, not the free memory it happens to see.
 GPU_RESIDENT_SHARE = 0.2
 log = logging.getLogger(__name__)
 
@@ -71,33 +75,78 @@ def cache_path(root: Path, presize: int) -> Path:
     return sources.cache_dir() / "decoded" / f"{root.name}-{presize}px-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def _built(folder: Path, split: str) -> bool:
+    """Whether `split` is published in the cache `folder` (its folder is there: it came by one rename)."""
+    return (folder / split / f"{split}.json").is_file()
+
+
 def build(root: Path, presize: int, splits: tuple[str, ...] = SPLITS) -> Path:
-    """The cache of `root` at `presize`, decoding the `splits` it lacks into it first."""
+    """The cache of `root` at `presize`, decoding the `splits` it lacks into it first.
+
+    Safe where several hosts share the cache (a home folder on NFS) and the lock cannot be trusted: the
+    lock only saves a second decode; a split is decoded into a temporary folder named for its builder's
+    host and process, and published by renaming that folder into place, which fails if another builder
+    published it first (ours is then dropped). A published split is never replaced: readers hold its
+    arrays memory-mapped, and a file replaced under a map reads as ESTALE or SIGBUS on NFS.
+    """
     folder = cache_path(root, presize)
-    if all((folder / f"{s}.json").is_file() for s in splits):
+    if all(_built(folder, s) for s in splits):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if the builder dies, so no stale locks
-        missing = tuple(s for s in splits if not (folder / f"{s}.json").is_file())  # another may have built them
+        missing = tuple(s for s in splits if not _built(folder, s))  # another may have built them
         if not missing:
             return folder
-        for left in folder.glob(".tmp*"):  # a builder that died half-way
-            shutil.rmtree(left, ignore_errors=True)
+        _remove_abandoned(folder)
         root = Path(root).resolve()
         found = sources.scan(root, missing)  # the same files, classes and order as fastai's pipeline reads
         _check_space(folder, found, presize)
         for split in missing:
-            tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp"))
+            tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f"{TMP}{os.getpid()}@{socket.gethostname()}."))
             try:
                 meta = _decode_into(tmp, root, found, split, presize)
-                for f in tmp.iterdir():
-                    os.replace(f, folder / f.name)
-                # last: the split is there once this is
-                write_atomic(folder / f"{split}.json", json.dumps(meta, indent=1))
+                write_atomic(tmp / f"{split}.json", json.dumps(meta, indent=1))
+                if not _publish(tmp, folder / split):
+                    log.info("%s of %s was published by another builder meanwhile; using it", split, folder)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+TMP = ".tmp-"  # a split being decoded: .tmp-PID@HOST.RANDOM
+
+
+def _publish(tmp: Path, target: Path) -> bool:
+    """Rename the finished split folder `tmp` to `target`, unless a split is there already (renaming a
+    folder onto a non-empty one fails, atomically, also on NFS): False when another builder won."""
+    try:
+        os.rename(tmp, target)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY) and target.is_dir():
+            return False
+        raise
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Delete the temporary folders of builders proven dead: this host's, of a process that is gone. One of
+    another host (or a process still alive, maybe building now) may be in use, and is left alone."""
+    here = socket.gethostname()
+    for left in folder.glob(f"{TMP}*"):
+        pid, _, host = left.name[len(TMP):].rsplit(".", 1)[0].partition("@")
+        if host == here and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _check_space(where: Path, found: sources.Scan, presize: int) -> None:
@@ -203,6 +252,7 @@ class CachedImages:
 
 def load_split(folder: Path, split: str, split_idx: int) -> CachedImages:
     """One decoded split of a built cache, memory-mapped (pages shared between processes)."""
+    folder = folder / split
     classes = json.loads((folder / f"{split}.json").read_text())["classes"]
     # mode "c" (copy-on-write) maps the file writable, which torch.from_numpy wants, without copying it
     return CachedImages(torch.from_numpy(np.load(folder / f"{split}.npy", mmap_mode="c")),
@@ -303,13 +353,22 @@ def batch_tfms(cfg: Config, size: int, stats) -> list:
             Normalize.from_stats(*stats)]
 
 
-def place(train: CachedImages, valid: CachedImages, device: torch.device) -> torch.device:
-    """Move the decoded dataset onto a CUDA `device` when it fits; return where it now lives."""
+def gpu_budget(total: int, free: int, fraction: float | None) -> int:
+    """The bytes of decoded data a trial may keep on its GPU: a share of its `fraction` of the GPU's
+    `total` memory (a whole GPU when None, as outside Ray), and never more than that share of what is `free`."""
+    fraction = 1.0 if not fraction else min(1.0, fraction)
+    return int(GPU_RESIDENT_SHARE * min(fraction * total, free))
+
+
+def place(train: CachedImages, valid: CachedImages, device: torch.device,
+          gpu_fraction: float | None = None) -> torch.device:
+    """Move the decoded dataset onto a CUDA `device` when it fits in the trial's budget (`gpu_budget` of
+    its `gpu_fraction`); return where it now lives."""
     if device.type != "cuda":
         return torch.device("cpu")
-    free, _ = torch.cuda.mem_get_info(device)
+    free, total = torch.cuda.mem_get_info(device)
     shared = train.x is valid.x  # a holdout: both sets index one array
-    if train.x.nbytes + (0 if shared else valid.x.nbytes) > GPU_RESIDENT_SHARE * free:
+    if train.x.nbytes + (0 if shared else valid.x.nbytes) > gpu_budget(total, free, gpu_fraction):
         return torch.device("cpu")  # batches are then gathered on the CPU and copied without blocking
     train.to(device)
     if shared:
@@ -320,13 +379,15 @@ def place(train: CachedImages, valid: CachedImages, device: torch.device) -> tor
     return device
 
 
-def cached_dataloaders(cfg: Config, root: Path, *, device: torch.device) -> DataLoaders:
-    """DataLoaders over the decode-once cache of `root` at the config's presize, built if missing."""
+def cached_dataloaders(cfg: Config, root: Path, *, device: torch.device,
+                       gpu_fraction: float | None = None) -> DataLoaders:
+    """DataLoaders over the decode-once cache of `root` at the config's presize, built if missing;
+    `gpu_fraction`: the share of the GPU this run was given (None: all of it)."""
     if cfg.holdout:  # validate on a fixed share of train/; val/ is not decoded, not even opened
         train, valid = load_holdout(build(root, cfg.item_size, ("train",)), cfg.holdout)
     else:
         train, valid = load(build(root, cfg.item_size))
-    place(train, valid, device)
+    place(train, valid, device, gpu_fraction)
     dls = DataLoaders(CachedDL(train, bs=cfg.batch_size, shuffle=True, drop_last=True, num_workers=0),
                       CachedDL(valid, bs=cfg.batch_size, shuffle=False, num_workers=0),
                       path=root, device=device)

@@ -205,13 +205,10 @@ def _search(args) -> int:
     try:
         outcome = search.run(space, name=name, results_root=args.results, storage=args.storage,
                              address=args.address, resume=bool(args.resume), command=search.command_line(),
-                             log=trackers, warm_start=args.warm_start)
+                             log=trackers, warm_start=args.warm_start,
+                             on_lost=_interrupted)
     except runstate.SearchInterrupted as stopped:
-        _counts(stopped.outcome, "interrupted after")
-        if stopped.cut:
-            print(f"  {stopped.cut} trial(s) stopped mid-epoch; they go on from their last checkpoint")
-        print(f"  nothing was exported; resume with: {stopped.command}")
-        return stopped.exit_code
+        return _interrupted(stopped)
     _summary(outcome)
     # A search that trained nothing to the end has no answer: say so in the exit code too, so that a
     # script or CI running it (and a bug that makes every trial raise) does not pass as a success.
@@ -238,6 +235,15 @@ def _budget_line(o) -> None:
 def _exported(o) -> None:
     if getattr(o, "export_dir", None) is not None:
         print(f"  model:       {o.export_dir}/export.pkl, model.pt2  (tune-sota predict {o.export_dir} IMAGES...)")
+
+
+def _interrupted(stopped) -> int:
+    """The lines of a search stopped by a signal, with the command that resumes it; returns the exit code."""
+    _counts(stopped.outcome, "interrupted after")
+    if stopped.cut:
+        print(f"  {stopped.cut} trial(s) stopped mid-epoch; they go on from their last checkpoint")
+    print(f"  nothing was exported; resume with: {stopped.command}", flush=True)
+    return stopped.exit_code
 
 
 def _counts(o, what: str = "done in") -> None:
@@ -443,15 +449,20 @@ def _cluster_check(args) -> int:
     space = load_space(args.space) if args.space else None
     from tune_sota import cluster
 
-    reports = cluster.cluster_check(args.address, storage=args.storage, space=space)
+    # Without --storage a search keeps its checkpoints in its results folder: that is what to check then.
+    storage = args.storage or "results"
+    reports = cluster.cluster_check(args.address, storage=storage, space=space)
     print(f"tune-sota: cluster at {args.address}: {len(reports)} nodes, {sum(r.cpus for r in reports):g} CPUs, "
-          f"{sum(r.gpus for r in reports):g} GPUs")
+          f"{sum(r.gpus for r in reports):g} GPUs; storage {storage}"
+          f"{'' if args.storage else ' (the default: a search without --storage keeps its trials there)'}")
+    ids = {r.node_id for r in reports}
     for r in reports:
-        storage = "" if not args.storage else ", storage writable" if not r.storage else ", storage NOT writable"
+        storage = ", storage NOT writable" if r.storage else ", storage writable" + (
+            "" if len(reports) < 2 else ", shared" if r.sees == ids else ", NOT shared with the other nodes")
         data = "".join(f", data {'there' if not why else 'MISSING'}: {d}" for d, why in r.data.items())
         print(f"  node {r.node_id[:12]} {r.ip} ({r.host}): {r.cpus:g} CPUs, {r.gpus:g} GPUs, Ray {r.ray}, "
               f"Python {r.python}, tune_sota {r.tune_sota or 'MISSING'}{storage}{data}")
-    found = cluster.problems(reports, args.storage)
+    found = cluster.problems(reports, args.storage or "results")
     for line in found:
         print(f"  problem: {line}")
     print(f"tune-sota: cluster-check: {len(found)} problem(s)" if found else "tune-sota: cluster-check: ready")

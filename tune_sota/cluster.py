@@ -183,6 +183,19 @@ def prepare(address: str | None) -> None:
     _prepared.add(resolved)
 
 
+FORWARDED = ("TUNE_SOTA_CACHE", "FASTAI_HOME")  # besides every TUNE_SOTA_* variable
+
+
+def forwarded_env(environ=None) -> dict[str, str]:
+    """The variables every trial's worker gets from the driver, whatever its node's own environment: where
+    the data and its decoded cache live (TUNE_SOTA_CACHE, FASTAI_HOME, any TUNE_SOTA_*), and the library
+    notices kept quiet. A node started with `ray start` has its own environment (its own HOME: the cache
+    would otherwise be built under that node's ~/.cache/tune_sota, not where the driver said)."""
+    environ = os.environ if environ is None else environ
+    env = {k: v for k, v in environ.items() if k in FORWARDED or k.startswith("TUNE_SOTA_")}
+    return {**env, "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+
+
 def connect(address: str | None, settings=None):
     """Start a local Ray of our own (no address) or join a cluster; the dashboard stays off.
 
@@ -210,9 +223,9 @@ def connect(address: str | None, settings=None):
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    quiet_workers = {"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}}
+    workers_env = {"env_vars": forwarded_env()}
     kwargs = dict(include_dashboard=False, logging_level=logging.INFO if verbose else logging.ERROR,
-                  configure_logging=True, runtime_env=quiet_workers, log_to_driver=verbose)
+                  configure_logging=True, runtime_env=workers_env, log_to_driver=verbose)
     resolved = resolve_address(address)
     if resolved:
         named = _named(address, resolved)
@@ -359,15 +372,64 @@ def cluster_check(address: str, storage: str | None = None, space=None) -> list[
                                       res.get("GPU", 0), r["host"], r["ray"], r["python"], r["tune_sota"],
                                       r["storage"], r["data"]))
         if storage and all(not r.storage for r in reports):
-            seen = ray.get([sees.options(scheduling_strategy=pinned[r.node_id]).remote(storage, prefix)
-                            for r in reports], timeout=120)
-            for r, s in zip(reports, seen):
-                r.sees = set(s)
-            ray.get(remove.options(scheduling_strategy=pinned[reports[0].node_id]).remote(
-                storage, [prefix + r.node_id for r in reports]), timeout=120)
+            _sharing(reports, storage, prefix, pinned, sees, remove)
     finally:
         ray.shutdown()
     return reports
+
+
+def _sharing(reports: list[NodeReport], storage: str, prefix: str, pinned: dict, sees, remove) -> None:
+    """Fill each report's `sees` with the nodes whose marker it reads under `storage`, then remove the markers."""
+    import ray
+
+    seen = ray.get([sees.options(scheduling_strategy=pinned[r.node_id]).remote(storage, prefix)
+                    for r in reports], timeout=120)
+    for r, s in zip(reports, seen):
+        r.sees = set(s)
+    # each node removes its own marker: where the storage is not shared, no other node can
+    ray.get([remove.options(scheduling_strategy=pinned[r.node_id]).remote(storage, [prefix + r.node_id])
+             for r in reports], timeout=120)
+
+
+def unshared(storage: str) -> list[NodeReport]:
+    """On the joined Ray: the nodes that cannot write `storage` or do not see what the others write there
+    (empty when it is shared, or when the cluster has one node). Each node writes a marker file and lists
+    the others', as `cluster-check` does."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return []
+    probe, sees, remove = (ray.remote(num_cpus=0)(f) for f in _node_task())
+    prefix = f".tune-sota-check-{uuid.uuid4().hex[:8]}-"
+    pinned = {n["NodeID"]: NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in nodes}
+    found = ray.get([probe.options(scheduling_strategy=pinned[n["NodeID"]]).remote(storage, prefix + n["NodeID"], [])
+                     for n in nodes], timeout=120)
+    reports = [NodeReport(n["NodeID"], n.get("NodeManagerAddress", ""), 0, 0, r["host"], storage=r["storage"])
+               for n, r in zip(nodes, found)]
+    _sharing(reports, storage, prefix, pinned, sees, remove)
+    ids = {r.node_id for r in reports}
+    return [r for r in reports if r.storage or r.sees != ids]
+
+
+def check_storage(storage: str, default: bool) -> None:
+    """Refuse, before anything runs, a local `storage` that the joined cluster's nodes do not all share:
+    Ray would fail every trial on another machine at its first checkpoint. `default`: the user gave no
+    --storage (it is the results root)."""
+    if "://" in storage:
+        return
+    bad = unshared(storage)
+    if bad:
+        import ray
+
+        ray.shutdown()
+        what = "the default --storage, the results folder" if default else f"--storage {storage}"
+        first = bad[0]
+        why = first.storage or "does not see what the other nodes write there"
+        raise UserError(f"{what} {storage} is not shared by the cluster's nodes (node {first.node_id[:8]} "
+                        f"({first.ip}): {why}); give --storage a folder every node sees (NFS) or s3://bucket/path "
+                        f"(`tune-sota cluster-check --storage` checks one)")
 
 
 def problems(reports: list[NodeReport], storage: str | None) -> list[str]:

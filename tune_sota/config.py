@@ -275,6 +275,9 @@ class SearchSettings:
                             _duration)
     baseline_first: bool = _opt(False, "enqueue the baseline recipe (the space's baseline: values, clipped to its "
                                 "ranges) as the first trial, so that TPE knows where the plain recipe stands")
+    checkpoint_every: int = _opt(5, "a trial also checkpoints every N epochs (besides its rungs and its last epoch, "
+                                 "where it always does), for what a lost node or a stop costs; 0 = only there",
+                                 _between(0, 100000))
 
 
 # Keys of older space files: renamed ones are read under their new name, retired ones explain themselves.

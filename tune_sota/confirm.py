@@ -49,7 +49,8 @@ def run(runs: list[dict], *, space: Space, storage: str, name: str, callbacks: l
     """Run (or finish, after a resume) the confirmation runs; one row per run (`COLUMNS`)."""
     s = space.search
     where = f"{storage.rstrip('/')}/{name}"
-    fn = tune.with_resources(trainable.confirmation, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+    fn = tune.with_resources(tune.with_parameters(trainable.confirmation, every=s.checkpoint_every),
+                             {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
     if tune.Tuner.can_restore(f"{where}/confirm"):
         tuner = tune.Tuner.restore(f"{where}/confirm", trainable=fn, resume_unfinished=True, resume_errored=True)
     else:

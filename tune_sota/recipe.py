@@ -11,9 +11,11 @@ import functools
 import io
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from fastai.callback.channelslast import ChannelsLast  # noqa: F401  (patches Learner.to_channelslast)
 from fastai.callback.core import Callback, CancelFitException
@@ -180,21 +182,23 @@ def build_learner(cfg: Config, dls) -> Learner:
     return learn
 
 
-def make_dataloaders(cfg: Config, *, workers: int, device: torch.device):
-    """The DataLoaders for `cfg`, preparing the data source first if needed."""
+def make_dataloaders(cfg: Config, *, workers: int, device: torch.device, gpu_fraction: float | None = None):
+    """The DataLoaders for `cfg`, preparing the data source first if needed; `gpu_fraction`: the share of
+    the GPU this run was given (the cached pipeline sizes what it keeps on the GPU by it)."""
     root = sources.prepare_source(cfg.data)
     if cfg.pipeline == "cached":  # batches are gathered in-process from decoded memory: no workers to feed it
-        return cache.cached_dataloaders(cfg, root, device=device)
+        return cache.cached_dataloaders(cfg, root, device=device, gpu_fraction=gpu_fraction)
     return data.fastai_dataloaders(cfg, root, workers=workers, device=device)
 
 
 def train(cfg: Config, *, cpus: float | None = None, on_epoch: OnEpoch | None = None,
-          checkpoint: bytes | None = None, progress: bool = False) -> Learner:
+          checkpoint: bytes | None = None, progress: bool = False, gpus: float | None = None) -> Learner:
     """Train `cfg` from scratch, or on from a `checkpoint` made by `save_state`; returns the Learner.
-    `progress`: fastai's bars within each epoch, for a person watching a terminal."""
+    `progress`: fastai's bars within each epoch, for a person watching a terminal; `gpus`: the share of the
+    GPU this run was given (a Ray trial's; None: all of it)."""
     set_seed(cfg.seed)
     workers, device = resources(cfg, cpus)
-    dls = make_dataloaders(cfg, workers=workers, device=device)
+    dls = make_dataloaders(cfg, workers=workers, device=device, gpu_fraction=gpus)
     learn = build_learner(cfg, dls)
     start_epoch = 0
     if checkpoint is not None:
@@ -221,12 +225,46 @@ def score(learn: Learner, tta: bool = True) -> dict[str, float]:
 
 
 def save_state(learn: Learner, epochs_done: int) -> bytes:
-    """Model and optimizer state after `epochs_done` epochs, as bytes (never a pickled Learner)."""
+    """Model, optimizer and random state after `epochs_done` epochs, as bytes (never a pickled Learner)."""
     buf = io.BytesIO()
     # Optimizer hyper-parameters hold numpy scalars (and fastcore's L): plain values load with weights_only.
     opt = plain(dict(learn.opt.state_dict())) if learn.opt is not None else None
-    torch.save({"model": learn.model.state_dict(), "opt": opt, "epoch": epochs_done}, buf)
+    torch.save({"model": learn.model.state_dict(), "opt": opt, "epoch": epochs_done, "rng": rng_state(learn)}, buf)
     return buf.getvalue()
+
+
+def rng_state(learn: Learner) -> dict:
+    """Every random state the next epoch draws from: Python's, numpy's, torch's (CPU and CUDA), and each
+    DataLoader's own `random.Random`, which fastai reseeds from itself every epoch to shuffle. In plain
+    values and tensors only, so that the checkpoint still loads with weights_only."""
+    np_state = np.random.get_state(legacy=False)
+    return {"python": _listed(random.getstate()),
+            "numpy": {**np_state, "state": {**np_state["state"], "key": torch.from_numpy(
+                np_state["state"]["key"].astype(np.int64))}},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loaders": [_listed(dl.rng.getstate()) for dl in learn.dls.loaders if hasattr(dl, "rng")]}
+
+
+def set_rng_state(learn: Learner, state: dict) -> None:
+    """Put back what `rng_state` saved: a resumed run draws what the uninterrupted one would have."""
+    random.setstate(_tupled(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state({**np_state, "state": {**np_state["state"],
+                                               "key": np_state["state"]["key"].numpy().astype(np.uint32)}})
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for dl, saved in zip([dl for dl in learn.dls.loaders if hasattr(dl, "rng")], state["loaders"]):
+        dl.rng.setstate(_tupled(saved))
+
+
+def _listed(x):
+    return [_listed(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
 
 
 def checkpoint_epoch(blob: bytes) -> int:
@@ -242,6 +280,8 @@ def load_state(learn: Learner, blob: bytes) -> int:
         learn.create_opt()
         # ranger's Lookahead adds its step count and slow weights beside the state and hypers
         learn.opt.load_state_dict({**state["opt"], "hypers": L(state["opt"]["hypers"])})
+    if state.get("rng") is not None:  # absent in checkpoints from before random state was kept
+        set_rng_state(learn, state["rng"])
     return int(state["epoch"])
 
 

@@ -142,6 +142,9 @@ def live_tables(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     ray_log.setLevel(logging.ERROR)  # a trial that has not reported yet has no metrics: not worth a warning
     try:
         analysis = ExperimentAnalysis(run.get("experiment", str(results_dir)))
+    except ValueError:  # Ray's "check if you specified the correct experiment path": it saved nothing yet
+        raise UserError(f"{results_dir}: the search recorded no trial yet (stopped before Ray saved its state); "
+                        f"resume it or start it again") from None
     finally:
         ray_log.setLevel(level)
     open_ids = {t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")}
@@ -152,7 +155,8 @@ def live_tables(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def _results_dir(results_dir) -> Path:
     p = Path(results_dir)
-    if not p.is_dir():
+    # space.yaml makes a folder a search (runstate.status); trials.csv, a finished one from before it did
+    if not p.is_dir() or not ((p / "space.yaml").is_file() or (p / "trials.csv").is_file()):
         raise UserError(f"{p} is not a results folder; give one that `tune-sota search` wrote, e.g. results/quick")
     return p
 

@@ -20,6 +20,8 @@ import os
 import re
 import shlex
 import signal
+import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -63,6 +65,9 @@ class _Stop:
 
     def __init__(self, out):
         self.out = out
+        self.lost = None  # (signum, cut) -> SearchInterrupted: set by the search once its folder is claimed
+        self.on_lost = None  # SearchInterrupted -> exit code: tells the user, when Ray died under the search
+        self._wake: tuple | None = None  # the socket pair behind signal.set_wakeup_fd, and the fd it replaced
         self.signum: int | None = None  # the first signal; None while nobody asked to stop
         self.presses = 0
         self.now = False  # stop without waiting for checkpoints
@@ -100,6 +105,11 @@ class _Stop:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._old_env
         logging.getLogger("ray.tune.tune").removeFilter(self._quiet)
         self._old = {}
+        if self._wake is not None:
+            signal.set_wakeup_fd(self._wake[2])
+            self._wake, (r, w, _) = None, self._wake
+            w.close()  # ends the watcher (a read of a closed pair returns nothing)
+            r.close()
 
     def check(self):
         """Raise `Stopped` if a signal asked the search to stop: call it after every phase (each Tuner.fit)."""
@@ -128,7 +138,8 @@ class _Stop:
             self.waiting = {t.trial_id for t in trials if t.status == "RUNNING"}
             if self.waiting:
                 self.out(f"tune-sota: stopping: {len(self.waiting)} running trial(s) stop at their next checkpoint "
-                         f"(the end of their epoch); Ctrl-C again stops them now, at their last one")
+                         f"(a rung, their last epoch, or every search.checkpoint_every epochs); Ctrl-C again stops "
+                         f"them now, at their last one")
         if self.now or not self.waiting:
             self._fire()
 
@@ -136,6 +147,77 @@ class _Stop:
         """A trial checkpointed or ended: it no longer holds up the stop."""
         if self.waiting is not None:
             self.waiting.discard(trial_id)
+
+
+    def watch(self, gcs_address: str | None) -> None:
+        """Watch, in a thread, for a stop signal after which the search's Ray does not answer.
+
+        A scheduler (SLURM's scancel, systemd, `timeout`) signals the whole process group, and a local
+        Ray's daemons are in it: they die with the signal, and Ray's calls in the driver then block until
+        Ray gives up on its GCS after 60 seconds and ends the process with exit code 1, past a scheduler's
+        grace period and with `run.yaml` still `running`. The signal's arrival is read from the wakeup fd,
+        which the C-level handler writes even while the main thread is blocked inside Ray; once the GCS
+        refuses connections, this thread marks the search interrupted, tells the user (`on_lost`) and ends
+        the process with 130 or 143.
+        """
+        if not gcs_address or not self._old:  # no Ray, or not the main thread (no handlers of ours)
+            return
+        r, w = socket.socketpair()
+        w.setblocking(False)
+        r.settimeout(0.5)
+        try:
+            old = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        except ValueError:  # not the main thread after all
+            r.close()
+            w.close()
+            return
+        self._wake = (r, w, old)
+        threading.Thread(target=self._watch, args=(r, gcs_address), daemon=True, name="tune-sota-ray-watch").start()
+
+    def _watch(self, r: socket.socket, gcs_address: str) -> None:
+        signum, refused = None, 0
+        while True:
+            try:
+                got = r.recv(64)
+                if not got:
+                    return  # released: the search is over
+                signum = signum or next((b for b in got if b in EXIT_CODES), None)
+            except TimeoutError:
+                pass
+            except OSError:
+                return
+            signum = signum or self.signum
+            if signum is None:
+                continue
+            refused = refused + 1 if not _answers(gcs_address) else 0
+            if refused >= 2 and self._wake is not None:  # twice, apart: not a busy GCS; not one ray.shutdown ended
+                self._lost(signum)
+                return
+
+    def _lost(self, signum: int) -> None:
+        code = EXIT_CODES.get(signum, 128 + signum)
+        try:
+            if self.lost is not None:
+                stopped = self.lost(signum, len(self.waiting if self.waiting is not None else self.running))
+                code = self.on_lost(stopped) if self.on_lost else stopped.exit_code
+                if not self.on_lost:
+                    log.warning("%s", stopped)
+        except Exception:  # noqa: BLE001 (the process ends either way; say why it could not say more)
+            log.exception("the search's Ray died after signal %s; its state could not be recorded", signum)
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(code)  # the main thread is blocked inside Ray, on a GCS that is gone
+
+
+def _answers(address: str) -> bool:
+    """Whether something accepts connections at HOST:PORT (the GCS of the search's Ray)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 _current: _Stop | None = None  # the stop request of the search running in this process (signals are per process)

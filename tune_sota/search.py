@@ -48,6 +48,7 @@ from tune_sota.config import (
 )
 from tune_sota.progress import Progress, tracker_callbacks
 from tune_sota.report import write_quietly
+from tune_sota.schedule import rung_shares
 from tune_sota.uncertainty import gain_line, selection_line, selection_noise
 
 METRIC, MODE = "accuracy", "max"
@@ -121,6 +122,8 @@ def _locate(space: Space, name: str | None, results_root: Path, storage: str | N
     search of the space (`runstate.target`), and takes its space and storage from its folder.
     """
     renamed_from = None
+    if results_root.exists() and not results_root.is_dir():  # else a NotADirectoryError deep inside
+        raise UserError(f"--results {results_root} is a file; give a folder for the results (it is made if missing)")
     if resume:
         name = runstate.target(results_root, name, space.name)  # a finished search is never resumed
         results_dir = results_root / name
@@ -142,9 +145,11 @@ def _locate(space: Space, name: str | None, results_root: Path, storage: str | N
 
 def run(space: Space, *, name: str | None = None, results_root: str | Path = "results", storage: str | None = None,
         address: str | None = None, resume: bool = False, command: str = "", out=None, log=(),
-        warm_start=()) -> Outcome:
+        warm_start=(), on_lost=None) -> Outcome:
     """Run (or resume) a search over `space`, confirm its best configs against the baseline, and write
-    the results. `warm_start`: earlier results folders whose best configs are the first trials."""
+    the results. `warm_start`: earlier results folders whose best configs are the first trials.
+    `on_lost(SearchInterrupted) -> exit code`: how to tell the user when a signal took this search's Ray
+    down with it (runstate `_Stop.watch`); the process then exits with that code at once."""
     t0 = time.time()
     out = out or say
     space, name, renamed_from, results_dir, storage = _locate(space, name, Path(results_root).resolve(), storage,
@@ -157,7 +162,11 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
     s = space.search
     first = _first_trials(space, warm_start, resume)  # before anything is written: a bad folder is one line
     cluster.connect(address, s)  # before anything is written: a cluster without the asked GPUs is an error
+    if address:  # trials on other machines checkpoint to `storage`: it must be one folder they all see
+        cluster.check_storage(storage, default=storage == str(Path(results_root).resolve()))
     stop = runstate.catch(out)  # Ctrl-C and SIGTERM stop the search cleanly from here (runstate.py)
+    stop.on_lost = on_lost
+    stop.watch(ray.get_runtime_context().gcs_address)  # a signal to the process group kills a local Ray too
     try:
         if resume:  # running again: a driver killed from here leaves unfinished trials, not interrupted ones
             runstate.mark(results_dir, runstate.RUNNING)
@@ -172,10 +181,13 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
             # has it has its run.yaml too, whenever the driver is killed
             write_atomic(results_dir / "space.yaml", space_to_yaml(space.values, space.search, space.baseline))
             _record_splits(space, results_dir)
+        stop.lost = lambda signum, cut: _interrupted(runstate.Stopped(signum, cut), name, results_dir, results_root,
+                                                     address, t0, renamed_from)
         judged = f"a {s.holdout:.0%} holdout of train/" if s.select_on == "holdout" else "val/ (optimistic)"
         out(f"tune-sota: searching '{space.name}' as {name}: {s.num_samples} trials, "
             f"{', '.join(searched) or 'nothing'} searched, judged on {judged}; results in {results_dir}")
-        fn = tune.with_resources(trainable.trial, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
+        fn = tune.with_resources(tune.with_parameters(trainable.trial, **checkpoint_plan(space)),
+                                 {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
         time_budget = None
         if resume and tune.Tuner.can_restore(f"{storage.rstrip('/')}/{name}"):  # else stopped before Ray saved
             tuner = tune.Tuner.restore(f"{storage.rstrip('/')}/{name}", trainable=fn, resume_unfinished=True,
@@ -283,6 +295,14 @@ def param_space(space: Space) -> dict:
     trials are judged on (none when selecting on val/)."""
     s = space.search
     return {**space.fixed_values(), "holdout": s.holdout if s.select_on == "holdout" else 0.0}
+
+
+def checkpoint_plan(space: Space) -> dict:
+    """What a trial needs to know to checkpoint only where it must (`trainable.checkpoint_epochs`): the
+    rung shares of the space's schedule-fair ASHA and `search.checkpoint_every`."""
+    s = space.search
+    shares = rung_shares(s.grace, s.reduction_factor) if s.scheduler == "asha" else []
+    return {"shares": shares, "every": s.checkpoint_every}
 
 
 def trial_dirname(trial) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -44,6 +45,13 @@ def sampler(kind: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSa
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler's seed for the study's trial `number`: each proposal depends on the search's seed and
+    its place in the study, not on how many processes asked before it (a resumed search's sampler would
+    otherwise start its random start-up proposals over, repeating configs already run)."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
 def outcome(result: dict | None, error: bool) -> TrialState:
@@ -103,7 +111,11 @@ class StudySearcher(Searcher):
         """Ask the study for a new trial's values, tagged with the Ray trial id."""
         if self.stop_when is not None and self.stop_when():
             return Searcher.FINISHED
-        trial = self.study.ask(self.distributions)
+        study = self.study
+        # Seeded for the number this trial will get: an uninterrupted search and a resumed one propose the same.
+        study.sampler = sampler(self.kind, trial_seed(self.seed, len(study.get_trials(deepcopy=False))),
+                                self.startup_trials)
+        trial = study.ask(self.distributions)
         trial.set_user_attr(RAY_ID, trial_id)
         self._numbers[trial_id] = trial.number
         self._live[trial.number] = trial

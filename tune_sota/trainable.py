@@ -33,19 +33,39 @@ def _assigned_cpus() -> float | None:
     return ray.get_runtime_context().get_assigned_resources().get("CPU")
 
 
-def trial(config: dict) -> None:
-    """One search trial: train `config`, reporting every epoch with a checkpoint; resume from one if given."""
-    _run(config, tta=False)
+def _assigned_gpus() -> float | None:
+    """The trial's Ray-assigned share of its GPU (0.125 when eight trials share one), or None without one."""
+    return ray.get_runtime_context().get_assigned_resources().get("GPU")
 
 
-def confirmation(config: dict) -> None:
+def checkpoint_epochs(epochs: int, shares=(), every: int = 0) -> set[int]:
+    """The epochs after which a run of `epochs` checkpoints: where ASHA judges it (the first epoch at or
+    past each rung share, as `scheduler.ScheduleASHA.decide` does), its last, and every `every` epochs.
+
+    A checkpoint of xresnet50 with Adam's buffers is about 283 MB, persisted inside the epoch's report
+    (over NFS or S3, seconds or more); the rungs and the end are where one is needed, the rest is for
+    what a lost node or a stop may cost (bench/checkpoint_cost.py)."""
+    at = {math.ceil(s * epochs - 1e-9) for s in shares} | {epochs}
+    if every:
+        at |= set(range(every, epochs + 1, every))
+    return {e for e in at if 1 <= e <= epochs}
+
+
+def trial(config: dict, shares=(), every: int = 0) -> None:
+    """One search trial: train `config`, reporting every epoch, with a checkpoint at the epochs of
+    `checkpoint_epochs(epochs, shares, every)`; resume from one if given."""
+    _run(config, tta=False, shares=shares, every=every)
+
+
+def confirmation(config: dict, every: int = 0) -> None:
     """One confirmation run (`config["run"]`, see `confirm.plan`): like a trial, and its last report adds
     the TTA accuracy."""
-    _run(config["run"]["config"], tta=True)
+    _run(config["run"]["config"], tta=True, every=every)
 
 
-def _run(config: dict, tta: bool) -> None:
-    """Train `config` under Tune, one report per epoch (each with a checkpoint), resuming from one.
+def _run(config: dict, tta: bool, shares=(), every: int = 0) -> None:
+    """Train `config` under Tune, one report per epoch (those of `checkpoint_epochs` with a checkpoint),
+    resuming from one.
 
     An exception inside training (a bad image, CUDA out of memory) is reported as the trial's
     `error` rather than raised, so Ray does not retry a trial that would fail again; Ray's own
@@ -63,6 +83,7 @@ def _run(config: dict, tta: bool) -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     cfg = Config(**config)
+    checkpoint_at = checkpoint_epochs(cfg.epochs, shares, every)
     blob, restored = None, {}
     if (ckpt := tune.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
@@ -84,7 +105,10 @@ def _run(config: dict, tta: bool) -> None:
         if tta and r.epoch == r.epochs:
             held.update(metrics)
             return
-        _report_with_checkpoint(metrics, learn, r.epoch)
+        if r.epoch in checkpoint_at:
+            _report_with_checkpoint(metrics, learn, r.epoch)
+        else:
+            tune.report(metrics)
 
     if blob is not None:
         where["start_epoch"] = recipe.checkpoint_epoch(blob)
@@ -92,7 +116,7 @@ def _run(config: dict, tta: bool) -> None:
             tune.report({**restored, **where})
             return
     try:
-        learn = recipe.train(cfg, cpus=_assigned_cpus(), on_epoch=report, checkpoint=blob)
+        learn = recipe.train(cfg, cpus=_assigned_cpus(), on_epoch=report, checkpoint=blob, gpus=_assigned_gpus())
         if held:
             _report_with_checkpoint({**held, **recipe.score(learn)}, learn, cfg.epochs)
     except Exception as e:  # recorded, not retried: see the docstring
