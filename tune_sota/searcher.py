@@ -41,9 +41,12 @@ def distribution(d: Dist) -> BaseDistribution:
 
 
 def sampler(kind: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler named `kind`: TPE after `startup_trials` random ones, or random throughout."""
+    """The Optuna sampler named `kind`: TPE after `startup_trials` random ones, random throughout, or `gp`
+    (Optuna's Gaussian-process sampler after `startup_trials` random ones; the simulator compares it)."""
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials)
 
 

@@ -340,10 +340,8 @@ def make_searcher(method: Method, space: Space, seed: int, model: Surrogate):
         return OptunaSearch(space={k: searcher.distribution(d) for k, d in space.searched.items()}, metric=METRIC,
                             mode=MODE, sampler=searcher.sampler("tpe", seed, method.startup))
     s = searcher.StudySearcher(space.searched, storage=optuna.storages.InMemoryStorage(), study_name="sim",
-                               metric=METRIC, mode=MODE, kind="random" if method.searcher == "random" else "tpe",
-                               seed=seed, startup_trials=method.startup)
-    if method.searcher == "gp":  # Optuna's GP sampler on the same study: StudySearcher's truthful tells
-        s.study.sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=method.startup)
+                               metric=METRIC, mode=MODE, kind=method.searcher if method.searcher in ("random", "gp")
+                               else "tpe", seed=seed, startup_trials=method.startup)
     return s
 
 
