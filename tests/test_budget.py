@@ -104,3 +104,43 @@ def test_warm_start_values_are_fitted_to_the_new_space():
     assert fit("resize", 32, Dist("choice", ("32", "16>32"))) == ("32", None)  # a CSV's number is the text choice
     assert fit("resize", "8>16", Dist("choice", ("32", "16>32"))) == (None, "resize '8>16' is not one of "
                                                                               "['32', '16>32']: sampled instead")
+
+
+def test_one_budget_per_search_whatever_ray_pickles(tmp_path):
+    """Ray pickles the scheduler, the stopper and the searcher's `is_spent` apart: each copy is the one live
+    budget, and a new process (a resumed search) goes on with the clock and the stops saved in budget.json."""
+    import pickle
+
+    from ray.tune.schedulers import FIFOScheduler
+
+    from tune_sota import budget
+
+    state = str(tmp_path / "budget.json")
+    b = budget.TimeBudget(FIFOScheduler(), 3600, state)
+    stop = budget.BudgetStop(b)
+    b.used, b.spent_after = 4000.0, 3600.0
+    b.out_of_time.add("t1")
+    b._save()
+    assert pickle.loads(pickle.dumps(stop)).budget is b and pickle.loads(pickle.dumps(b.is_spent))() is True
+    blob = pickle.dumps(b)
+    budget._LIVE.clear()  # as in the process that resumes the search
+    again = pickle.loads(blob)
+    assert again is not b and again.used == 4000.0 and again.spent_after == 3600.0 and again.out_of_time == {"t1"}
+    assert budget.live(state) is again and pickle.loads(pickle.dumps(stop)).budget is again
+
+
+def test_a_spent_budget_stops_a_trial_at_the_end_of_its_epoch_but_not_one_that_has_ended(tmp_path):
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    from tune_sota import budget
+
+    b = budget.TimeBudget(FIFOScheduler(), 1, str(tmp_path / "budget.json"))
+    b.used = 5.0
+    assert b.on_trial_result(None, _Trial("a"), {"epoch": 2, "epochs": 4}) == TrialScheduler.STOP
+    assert b.on_trial_result(None, _Trial("b"), {"epoch": 4, "epochs": 4}) == TrialScheduler.CONTINUE
+    assert b.out_of_time == {"a"}
+
+
+class _Trial:  # what the budget reads of Ray's Trial: its id
+    def __init__(self, trial_id):
+        self.trial_id = trial_id

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                    "a finished search is never touched")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     s.add_argument("--time-budget", metavar="DURATION", help="wall-clock budget of the trials, e.g. 8h, 90m, 40s: "
-                   "once spent no trial starts, running ones stop at their next checkpoint, and the confirmation "
+                   "once spent no trial starts, running ones stop at the end of their epoch, and the confirmation "
                    "still runs (overrides search.time_budget)")
     s.add_argument("--warm-start", action="append", default=[], metavar="RESULTS_DIR",
                    help="start from an earlier search's best configs (repeatable): they are the first trials, "
@@ -225,7 +225,7 @@ def _budget_line(o) -> None:
     counts = o.trials.status.value_counts().to_dict() if len(o.trials) else {}
     if b["spent"]:
         how = (f"spent after {results.clock(b['spent_after_s'])}: {counts.get(results.OUT_OF_TIME, 0)} running "
-               f"trial(s) stopped at their next checkpoint, {counts.get(results.NOT_STARTED, 0)} never started")
+               f"trial(s) stopped at the end of their epoch, {counts.get(results.NOT_STARTED, 0)} never started")
     else:
         how = "not spent: every trial ran"
     print(f"  time budget {results.clock(b['time_budget_s'])} {how}; trials took {results.clock(b['trials_s'])}, "

@@ -271,7 +271,7 @@ class SearchSettings:
                                        "trials worth loading keep theirs (the confirmed ones, else the best); "
                                        "'all' keeps every checkpoint of every trial", _keep)
     time_budget: str = _opt("", "wall-clock budget of the trials, e.g. 8h, 90m, 40s: once spent no trial starts and "
-                            "running ones stop at their next checkpoint; the confirmation still runs; '' = none",
+                            "running ones stop at the end of their epoch; the confirmation still runs; '' = none",
                             _duration)
     baseline_first: bool = _opt(False, "enqueue the baseline recipe (the space's baseline: values, clipped to its "
                                 "ranges) as the first trial, so that TPE knows where the plain recipe stands")
@@ -287,7 +287,11 @@ RETIRED_SEARCH_KEYS = {
 }
 # The baseline every search is confirmed against: chapter 7's plain recipe (Config's own defaults for
 # the searched techniques, spelled out so that a space's fixed values do not leak into it).
-BASELINE = {"lr": 3e-3, "mixup": 0.0, "label_smoothing": 0.0, "resize": ""}
+BASELINE = {"lr": 3e-3, "mixup": 0.0, "label_smoothing": 0.0, "resize": "",
+            # and none of the knobs beyond the chapter: Adam at fastai's settings, one-cycle, ReLU, no
+            # self-attention, average-pool shortcuts (0 = fastai's default for mom, sqr_mom, eps, pct_start)
+            "opt": "adam", "mom": 0.0, "sqr_mom": 0.0, "eps": 0.0, "sched": "one_cycle", "pct_start": 0.0,
+            "act": "relu", "sa": False, "pool": "avg"}
 
 
 @dataclass(frozen=True)

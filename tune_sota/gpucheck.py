@@ -184,7 +184,8 @@ def trial(cfg: dict, warmup: int, seconds: float, barrier: str, trials: int, cpu
 
     cfg = Config(**cfg)
     workers, device = recipe.resources(cfg, cpus)
-    dls = recipe.make_dataloaders(cfg, workers=workers, device=device)
+    # Each of `trials` holds 1/trials of the GPU, as a search at that gpus_per_trial: the cache is sized by it
+    dls = recipe.make_dataloaders(cfg, workers=workers, device=device, gpu_fraction=1 / trials)
     learn = recipe.build_learner(cfg, dls)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -116,8 +116,10 @@ class StudySearcher(Searcher):
             return Searcher.FINISHED
         study = self.study
         # Seeded for the number this trial will get: an uninterrupted search and a resumed one propose the same.
-        study.sampler = sampler(self.kind, trial_seed(self.seed, len(study.get_trials(deepcopy=False))),
-                                self.startup_trials)
+        # Enqueued trials (a warm start) are numbered when enqueued and taken in that order, so the next number
+        # is the count of trials already asked, not of all trials.
+        asked = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+        study.sampler = sampler(self.kind, trial_seed(self.seed, asked), self.startup_trials)
         trial = study.ask(self.distributions)
         trial.set_user_attr(RAY_ID, trial_id)
         self._numbers[trial_id] = trial.number

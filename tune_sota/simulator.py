@@ -369,7 +369,8 @@ class Rule:
         if self.kind == "fifo":
             return False
         if self.kind in ("asha", "rungs"):
-            return self.sched.decide(trial_id, result["epoch"], result["epochs"], result[METRIC]) == "STOP"
+            return self.sched.decide(trial_id, result["epoch"], result["epochs"], result[METRIC],
+                                     group=result["sched"]) == "STOP"
         return self.sched.on_trial_result(None, self.trials[trial_id], result) == "STOP"
 
     def complete(self, trial_id: str, result: dict) -> None:
@@ -428,7 +429,8 @@ def simulate(model: Surrogate, method: Method, *, seed: int, workers: int, trial
         if params is None:
             return
         draw = model.draw(params, np.random.default_rng([seed, state["started"]]))
-        live[trial_id] = {"id": trial_id, "draw": draw, "epoch": 0, "n": state["started"]}
+        live[trial_id] = {"id": trial_id, "draw": draw, "epoch": 0, "n": state["started"],
+                          "sched": str(params.get("sched") or "one_cycle")}
         state["started"] += 1
         rule.add(trial_id)
         heapq.heappush(heap, (now + draw.seconds[0], next(seq), trial_id))
@@ -442,7 +444,8 @@ def simulate(model: Surrogate, method: Method, *, seed: int, workers: int, trial
         t["epoch"] = e
         n = len(d.curve)
         state["compute"] += float(d.seconds[e - 1])
-        result = {METRIC: float(d.curve[e - 1]), "epoch": e, "epochs": n, "training_iteration": e}
+        result = {METRIC: float(d.curve[e - 1]), "epoch": e, "epochs": n, "training_iteration": e,
+                  "sched": t["sched"]}  # the schedule shape: tune_sota's ASHA compares each only with itself
         stopped = e < n and rule.stop(trial_id, result)
         if e < n and not stopped:
             searcher.on_trial_result(trial_id, result)

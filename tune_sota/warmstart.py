@@ -86,8 +86,12 @@ def plan(space: Space, results_dirs, top: int) -> list[tuple[dict, str]]:
     best `top` configs of the earlier searches, taken in turn from each folder, without repeats."""
     first = []
     if space.search.baseline_first:
-        base = space.baseline_config(**{k: v for k, v in space.values.items() if not isinstance(v, Dist)})
-        values = {k: getattr(base, k) for k in space.baseline if k in space.searched}
+        base = space.baseline_config()
+        # Every searched key at the baseline's value (not only the baseline section's: an arch or an
+        # optimizer searched must be the recipe's too); no resizing is the one stage at the final size.
+        values = {k: getattr(base, k) for k in space.searched}
+        if values.get("resize") == "":
+            values["resize"] = str(base.size)
         first.append((params(space, values, "the baseline"), "baseline"))
     ranked = []
     for d in map(Path, results_dirs):
