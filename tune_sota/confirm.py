@@ -9,7 +9,7 @@ the gain is its mean minus the baseline's, in points, with its 95% interval and 
 (`uncertainty.gain`).
 
 The runs are a second Ray Tune experiment (`confirm/` inside the search's), with the trials'
-resources: they spread over a cluster in parallel, checkpoint every epoch, and a resumed search
+resources: they spread over a cluster in parallel, checkpoint as search trials do, and a resumed search
 restores them like trials instead of redoing the finished ones.
 """
 

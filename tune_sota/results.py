@@ -49,10 +49,10 @@ STATUS_HELP = {
     COMPLETED: "trained every planned epoch",
     STOPPED: "stopped early by ASHA",
     ERROR: "raised an error (see the error column)",
-    DIVERGED: "loss became NaN or infinite; stopped at once",
+    DIVERGED: "loss became NaN or infinite; stopped at the end of that epoch",
     UNFINISHED: "still running (or its driver was killed)",
     INTERRUPTED: "cut off by Ctrl-C or SIGTERM; continues from its last checkpoint on --resume",
-    OUT_OF_TIME: "stopped at a checkpoint when the time budget was spent",
+    OUT_OF_TIME: "stopped at the end of an epoch when the time budget was spent",
     NOT_STARTED: "trained no epoch: the time budget was spent first",
 }
 HISTORY_COLUMNS = ["trial_id", *(f.name for f in dataclasses.fields(EpochReport) if f.name != "diverged"),

@@ -1,7 +1,7 @@
 """Stopping and resuming a search: Ctrl-C is a state, not a crash, and `--resume` finds the search it means.
 
 Stopping. While the Tuner runs, the first SIGINT (Ctrl-C) lets every running trial reach its next
-checkpoint (the end of its current epoch) and then ends the run through Ray Tune's own graceful stop
+checkpoint (see `search.checkpoint_every`) and then ends the run through Ray Tune's own graceful stop
 (SIGUSR1: Ray saves the experiment state once more and stops the trials' workers). SIGTERM, which a
 process manager follows with SIGKILL after a grace period, and a second Ctrl-C stop at once: the trials
 cut off mid-epoch go back to their last checkpoint. A third Ctrl-C raises KeyboardInterrupt. The trials cut off are
