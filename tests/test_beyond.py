@@ -72,8 +72,13 @@ def test_defaults_are_the_chapters():
     cfg = Config()
     assert (cfg.opt, cfg.sched, cfg.act, cfg.sa, cfg.pool, cfg.mom, cfg.sqr_mom, cfg.eps, cfg.pct_start) == \
         ("adam", "one_cycle", "relu", False, "avg", 0.0, 0.0, 0.0, 0.0)
-    base = parse_space({"opt": {"choice": ["adam", "ranger"]}, "sched": "flat_cos", "act": "mish"}).baseline_config()
-    assert base.opt == "adam" and base.sched == "flat_cos", "a fixed value of the space is the baseline's too"
+    space = parse_space({"opt": {"choice": ["adam", "ranger"]}, "sched": "flat_cos", "act": "mish", "width": 0.5})
+    base = space.baseline_config()
+    # the baseline is chapter 7's recipe: a knob beyond the chapter that the space fixes does not leak into it
+    # (as a fixed lr or MixUp does not); the space's setting (its model, width, size) does
+    assert (base.opt, base.sched, base.act, base.width) == ("adam", "one_cycle", "relu", 0.5)
+    kept = parse_space({"sched": "flat_cos", "baseline": {"sched": "flat_cos"}}).baseline_config()
+    assert kept.sched == "flat_cos", "the baseline: section still sets what the baseline is"
 
 
 @pytest.mark.parametrize("raw,expected", [
