@@ -59,7 +59,7 @@ def main():
             barrier = tmp / f"barrier-{pipeline}"
             barrier.mkdir()
             meter = gpucheck.meter(args.warmup, args.seconds, barrier, 1)
-            learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=[recipe.ProgressiveResize(cfg), meter])
+            recipe.fit(learn, cfg, [recipe.ProgressiveResize(cfg), meter])
             rows.append([pipeline, workers, meter.images / meter.seconds, f"{meter.wait / meter.seconds:.1%}",
                          f"{1 - meter.wait / meter.seconds:.1%}", build or "-"])
             print(rows[-1], flush=True)

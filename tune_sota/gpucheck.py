@@ -190,7 +190,7 @@ def trial(cfg: dict, warmup: int, seconds: float, barrier: str, trials: int, cpu
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     meter_cb = meter(warmup, seconds, Path(barrier), trials)
-    learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=[recipe.ProgressiveResize(cfg), meter_cb])
+    recipe.fit(learn, cfg, [recipe.ProgressiveResize(cfg), meter_cb])  # the space's own schedule
     x = getattr(dls.train.dataset, "x", None)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_reserved()
