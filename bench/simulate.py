@@ -39,7 +39,12 @@ from tune_sota.config import load_space  # noqa: E402
 DEFAULT_METHODS = "random,tune_sota,tpe,random+asha,tpe+ray-asha,ray-optuna+asha"
 TARGET = 0.01  # "within 1 point"
 GRID = 60  # points of the anytime curves
+EXTEND = 8.0  # searches run on to this many times their trials (compute to within 1 point)
+SWEEP_EXTEND = 3.0  # enough for every method to reach random's compute at the budget
 MODEL: sim.Surrogate | None = None  # set in the parent before the pool forks: every worker shares it
+
+
+CONFIRMS = [(0, 0), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 2), (3, 3)]  # (confirm_top, confirm_seeds)
 
 
 def _job(args: tuple) -> dict:
@@ -48,13 +53,18 @@ def _job(args: tuple) -> dict:
     run = sim.simulate(MODEL, method, seed=seed, workers=workers, trials=trials)
     to_target = run.compute_to(TARGET)
     censored = not math.isfinite(to_target)  # never within 1 point: all it spent is a lower bound
-    out = {"kind": kind, "setting": setting, "method": name, "seed": seed, "regret": run.regret_after(budget),
-           "compute": run.compute_after(budget), "censored": censored,
+    out = {"kind": kind, "setting": setting, "method": name, "seed": seed, "regret": run.regret_of(budget),
+           "compute": run.compute_of(budget), "censored": censored,
            "to_target": float(run.events[-1, 0]) if censored else to_target,
-           "stopped": sum(t["stopped"] for t in run.trials if t["n"] < budget) / budget, "events": run.events}
+           "stopped": sum(t["stopped"] for t in run.first(budget)) / budget, "events": run.events}
     # (the searcher, with its study, stays here: it does not pickle back to the parent)
     if kind == "rung":
         out["trials"] = run.trials
+    if kind in ("method", "valid") and name == "tune_sota":  # the confirmation replayed on this search, and the choice
+        rng = np.random.default_rng([seed, 7])
+        out["confirm"] = {tc: sim.confirm(MODEL, run, budget, top=tc[0], seeds=tc[1], rng=rng) for tc in CONFIRMS}
+        c = run.choice(budget)
+        out["chosen_val"] = c["value"] + float(rng.normal(0, MODEL.noise["val"])) if c else math.nan
     return out
 
 
@@ -62,23 +72,69 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
 
 
-def method_table(res: pd.DataFrame, methods: list[str], budget: int) -> tuple[str, dict]:
-    """The markdown table of one setting, and each method's compute-to-target values."""
+def method_table(res: pd.DataFrame, methods: list[str], budget: int, label=None) -> tuple[str, dict]:
+    """The markdown table of one setting, and each method's compute-to-target values. 'At equal compute':
+    each method's regret once it has spent what random search spends on `budget` trials (median over
+    seeds), which is fair to a method that stops trials and could run more of them."""
     rows, to_target = [], {}
-    base = res[res.method == "random"].compute.median() if "random" in methods else math.nan
+    base = res[res.method == "random"].compute.median() if "random" in set(res.method) else math.nan
     for name in methods:
         r = res[res.method == name]
         reg = sim.iqm_interval(100 * r.regret.to_numpy())
+        eq = sim.iqm_interval(np.array([100 * sim.Run(x.events).regret_at(np.array([base]))[0]
+                                        for x in r.itertuples()]))
         tt = sim.iqm_interval(r.to_target.to_numpy())
         to_target[name] = r.to_target.to_numpy()
         within = float(np.mean(r.regret <= TARGET + 1e-12))
-        rows.append([name, f"{sim.METHODS[name].scheduler} / {sim.METHODS[name].searcher}",
-                     f"{reg[0]:.2f} [{reg[1]:.2f}, {reg[2]:.2f}]", f"{within:.0%}",
+        rows.append([name, label(name) if label else sim.METHODS[name].label(), _pts(reg), _pts(eq), f"{within:.0%}",
                      f"{r.compute.median():,.0f}" + (f" ({r.compute.median() / base:.2f})" if base == base else ""),
                      f"{r.stopped.mean():.0%}", _fmt_interval(tt), f"{int(r.censored.sum())}/{len(r)}"])
     return table(["method", "scheduler / searcher", f"regret at {budget} trials, points (IQM [95%])",
-                  "seeds within 1 point", "trial-s spent (median; of random's)", "trials stopped",
-                  "trial-s to within 1 point (IQM [95%])", "seeds never within 1 point"], rows), to_target
+                  "regret at random's compute (IQM [95%])", "seeds within 1 point",
+                  "trial-s spent (median; of random's)", "trials stopped", "trial-s to within 1 point (IQM [95%])",
+                  "seeds never within 1 point"], rows), to_target
+
+
+def _pts(v: tuple[float, float, float]) -> str:
+    return "never" if not math.isfinite(v[0]) else f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"
+
+
+def confirm_table(res: pd.DataFrame) -> str:
+    """What each confirmed candidate and each seed buys: the chance of picking the best config the search
+    ran, the regret after confirmation, and the cost against the search's."""
+    rows = []
+    for tc in CONFIRMS:
+        c = pd.DataFrame([r[tc] for r in res.confirm])
+        reg = sim.iqm_interval(100 * c.regret.to_numpy())
+        p = float(c.picked_best.mean())
+        lo, hi = _wilson(int(c.picked_best.sum()), len(c))
+        rows.append([tc[0] or "none", tc[1] or "-", (tc[0] + 1) * tc[1] if tc[0] else 0,
+                     f"{p:.0%} [{lo:.0%}, {hi:.0%}]", f"{100 * c.regret.mean():.2f}", _pts(reg),
+                     f"{c.share.median():.2f}"])
+    return table(["confirm_top", "confirm_seeds", "runs (with the baseline's)", "picks the search's best config "
+                  "(95%)", "regret, points (mean)", "regret (IQM [95%])", "cost / search's (median)"], rows)
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's 95% interval of a proportion k/n."""
+    if n == 0:
+        return math.nan, math.nan
+    p, d = k / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def validation_text(res: pd.DataFrame, real: pd.DataFrame) -> str:
+    """Each real search's chosen config's val/ accuracy beside the simulated distribution of the same."""
+    sims = res.chosen_val.dropna().to_numpy()
+    q = np.percentile(sims, [5, 25, 50, 75, 95])
+    rows = [[f"seed {int(r.seed)}", r.trial_id, f"{r.val_accuracy:.4f}", f"{r.val_tta:.4f}",
+             f"{r.holdout_accuracy:.4f}", f"{np.mean(sims <= r.val_accuracy):.0%}", f"{r.trial_cpu_s:,.0f}",
+             f"{int(r.stopped)}/{int(r.trials)}"] for r in real.itertuples()]
+    sim_row = ["simulated", f"{len(sims)} seeds", f"{np.mean(sims):.4f} (5-95%: {q[0]:.4f}-{q[4]:.4f})", "",
+               "", f"median {q[2]:.4f}", f"{res.compute.median():,.0f} (median)", f"{res.stopped.mean():.0%}"]
+    return table(["search", "chosen trial", "val/ accuracy of its final model", "with TTA", "holdout",
+                  "share of simulated searches at or below", "trial-s (CPU)", "stopped"], [*rows, sim_row])
 
 
 def _num(x: float, fmt: str = ",.0f") -> str:
@@ -123,9 +179,9 @@ def rung_table(res: pd.DataFrame, shares: list[float]) -> str:
     """How often a single rung at each share cuts the trial FIFO would choose, and what it costs."""
     fifo = {r.seed: r for r in res[res.method == "fifo"].itertuples()}
     rows = []
-    for share in shares:
+    for share, final in [(sh, f) for sh in shares for f in (False, True)]:
         cut, cost, saved = [], [], []
-        for r in res[res.method == f"rung {share:.2f}"].itertuples():
+        for r in res[res.method == f"rung {share:.2f}" + (" final" if final else "")].itertuples():
             f = fifo[r.seed]
             done = [t for t in f.trials]
             best = max(done, key=lambda t: t["final"])  # FIFO's choice: the best final holdout accuracy
@@ -134,10 +190,28 @@ def rung_table(res: pd.DataFrame, shares: list[float]) -> str:
             cost.append(100 * (r.regret - f.regret))
             saved.append(1 - r.compute / f.compute)
         c = sim.iqm_interval(cost) if cost else (math.nan,) * 3
-        rows.append([f"{share:.0%}", f"{np.mean(cut):.0%}", f"{np.mean(cost):+.2f} (IQM {c[0]:+.2f} "
-                     f"[{c[1]:+.2f}, {c[2]:+.2f}])", f"{np.mean(saved):.0%}"])
+        if not cut:
+            continue
+        rows.append([f"{share:.0%}" + (", at the final size" if final else ""), f"{np.mean(cut):.0%}",
+                     f"{np.mean(cost):+.2f} (IQM {c[0]:+.2f} [{c[1]:+.2f}, {c[2]:+.2f}])", f"{np.mean(saved):.0%}"])
     return table(["rung at share of schedule", "FIFO's choice cut", "regret cost, points (mean; IQM [95%])",
                   "compute saved"], rows)
+
+
+GP = "GP sampler (on to 1.5x)"
+SWEEP = {  # the defaults' candidates (--sweep): one knob moved at a time from the shipped method
+    "shipped": sim.METHODS["tune_sota"],
+    "no early stopping": sim.Method("tpe", "fifo"),
+    "grace 0.25 (rungs 25%, 50%)": sim.Method("tpe", "asha", grace=0.25),
+    "rf 3, grace 0.33 (rung 33%)": sim.Method("tpe", "asha", grace=0.33, rf=3),
+    "rung 50%, rf 3": sim.Method("tpe", "rungs", shares=(0.5,), rf=3),
+    "rung 75%": sim.Method("tpe", "rungs", shares=(0.75,)),
+    "rung 50% at the final size": sim.Method("tpe", "asha", final_size=True),
+    "rungs 50%, 75% at the final size": sim.Method("tpe", "rungs", shares=(0.5, 0.75), final_size=True),
+    "2 start-up trials": sim.Method("tpe", "asha", startup=2),
+    "8 start-up trials": sim.Method("tpe", "asha", startup=8),
+    "random sampler": sim.Method("random", "asha"),
+}
 
 
 def main(argv=None) -> int:
@@ -151,9 +225,15 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", default="12x2,32x4", help="trials x workers, comma-separated (default 12x2,32x4)")
     ap.add_argument("--methods", default=DEFAULT_METHODS,
                     help=f"of {', '.join(sim.METHODS)} (default {DEFAULT_METHODS}; gp+asha is slow)")
-    ap.add_argument("--extend", type=float, default=3.0,
-                    help="each search runs on to this many times its trials, for compute-to-within-1-point")
+    ap.add_argument("--extend", type=float, default=EXTEND,
+                    help=f"each search runs on to this many times its trials, for compute-to-within-1-point "
+                         f"(default {EXTEND:g})")
     ap.add_argument("--rungs", default="0.25,0.33,0.5,0.75", help="rung shares to analyse ('' for none)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also replay the candidates for the defaults (grace, rf, rung placement, start-up trials, "
+                         "sampler), one knob at a time")
+    ap.add_argument("--validation", default=str(BENCH / "curves" / "validation.csv"),
+                    help="real searches' chosen val/ accuracies (bench/validate_sim.py) to put beside the simulated")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--out", default=str(BENCH / "curves" / "sim"), help="where the figures go")
     ap.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
@@ -169,11 +249,16 @@ def main(argv=None) -> int:
                      f"--synthetic N for a dry run on a made-up table")
         space = load_space(args.space)
         frame = pd.read_csv(args.table, dtype={"trial_id": str, "replicate_of": str, "resize": str})
-        source = f"{args.table}"
+        where = Path(args.table).resolve()
+        source = str(where.relative_to(BENCH.parent) if where.is_relative_to(BENCH.parent) else where)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in sim.METHODS]
     if unknown:
         sys.exit(f"simulate.py: unknown method {', '.join(unknown)}; use {', '.join(sim.METHODS)}")
+    try:
+        settings = parse_settings(args.settings)
+    except ValueError:
+        sys.exit(f"simulate.py: --settings {args.settings!r} is not TRIALSxWORKERS[,...], e.g. 12x2,32x4")
     trials_n = frame.drop_duplicates("trial_id")
     n_rep = int((trials_n.replicate_of.fillna("") != "").sum()) if "replicate_of" in trials_n else 0
     global MODEL
@@ -185,10 +270,11 @@ def main(argv=None) -> int:
              f"- surrogate: random forests (tune_sota/simulator.py); Spearman of predicted and recorded val/ "
              f"accuracy on held-out configs (5-fold): {rho:.2f} over {n_held} configs; noise from "
              f"{noise.get('pairs', 0)} replicate pairs: seed offset {noise['seed']:.4f}, epoch jitter "
-             f"{noise['epoch']:.4f}; best predicted val/ accuracy in the space {MODEL.best:.4f}",
+             f"{noise['epoch']:.4f}, val/ {noise['val']:.4f}; best predicted val/ accuracy in the space "
+             f"{MODEL.best:.4f}",
              f"- {args.seeds} searcher seeds from {args.first_seed} per method and setting; each search runs on to "
-             f"{args.extend:g}x its trials; compute is simulated trial-seconds (the table's CPU seconds per epoch)"]
-    settings = parse_settings(args.settings)
+             f"{args.extend:g}x its trials; compute is simulated trial-seconds (the table's CPU seconds per epoch); "
+             f"regret is in points of val/ accuracy below the best in the space"]
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     jobs = [("method", f"{n}x{w}", name, sim.METHODS[name], s, int(round(n * args.extend)), w, n)
             for n, w in settings for name in methods for s in seeds]
@@ -198,6 +284,23 @@ def main(argv=None) -> int:
         jobs += [("rung", f"{n0}x{w0}", "fifo", sim.Method("random", "fifo"), s, n0, w0, n0) for s in seeds]
         jobs += [("rung", f"{n0}x{w0}", f"rung {sh:.2f}", sim.Method("random", "rungs", shares=(sh,)), s, n0, w0, n0)
                  for sh in shares for s in seeds]
+        jobs += [("rung", f"{n0}x{w0}", f"rung {sh:.2f} final", sim.Method("random", "rungs", shares=(sh,),
+                                                                          final_size=True), s, n0, w0, n0)
+                 for sh in shares for s in seeds]
+    real = pd.read_csv(args.validation, dtype={"resize": str}) if Path(args.validation).is_file() \
+        and not args.synthetic else pd.DataFrame()
+    for key, group in (real.groupby("searches") if len(real) else []):
+        n, w = parse_settings(key)[0]
+        g = group.iloc[0]
+        method = sim.Method(g.searcher, g.scheduler, grace=float(g.grace), rf=int(g.reduction_factor),
+                            startup=int(g.startup_trials), final_size=bool(g.final_size))
+        jobs += [("valid", key, "tune_sota", method, s, n, w, n) for s in seeds]
+    if args.sweep:
+        jobs += [("sweep", f"{n}x{w}", name, m, s, int(round(n * SWEEP_EXTEND)), w, n)
+                 for n, w in settings for name, m in {"random": sim.METHODS["random"], **SWEEP}.items() for s in seeds]
+        # Optuna's GPSampler takes seconds per proposal (without greenlet, its L-BFGS-B runs one start at a
+        # time): it is replayed at the first setting only, on to a little past random's compute there
+        jobs += [("sweep", f"{n0}x{w0}", GP, sim.METHODS["gp+asha"], s, int(round(n0 * 1.5)), w0, n0) for s in seeds]
     ctx = multiprocessing.get_context("fork")  # the workers share the fitted surrogate
     with ctx.Pool(args.processes) as pool:
         res = pd.DataFrame(pool.map(_job, jobs, chunksize=4))
@@ -214,11 +317,32 @@ def main(argv=None) -> int:
         if ratio is None and "tune_sota" in to_target and "random" in to_target:
             ratio = (n, w, sim.ratio_interval(to_target["tune_sota"], to_target["random"]))
             censored = {m: int(r[r.method == m].censored.sum()) for m in ("tune_sota", "random")}
+        if "tune_sota" in methods:
+            body.append(f"**Confirmation after {n} trials, {w} workers** (tune_sota's searches above; each confirmed "
+                        f"run's val/ accuracy is its config's plus a seed's noise; 'the search's best config': the "
+                        f"best by true val/ accuracy among its completed trials)\n\n"
+                        + confirm_table(r[r.method == "tune_sota"]))
+    if args.sweep:
+        for n, w in settings:
+            r = res[(res.kind == "sweep") & (res.setting == f"{n}x{w}")]
+            names = ["random", *SWEEP, *([GP] if (n, w) == (n0, w0) else [])]
+            text, _ = method_table(r, names, n, label=lambda m: (SWEEP.get(m) or sim.METHODS[m if m != GP
+                                                                                         else "gp+asha"]).label())
+            body.append(f"**Defaults, {n} trials, {w} workers** (one knob moved at a time from the shipped method; "
+                        f"runs on to {SWEEP_EXTEND:g}x the trials)\n\n{text}")
     if shares:
         rr = res[res.kind == "rung"]
         body.append(f"**Rungs** ({n0} trials, {w0} workers, random proposals; one ScheduleASHA rung, rf 2; "
-                    f"'FIFO's choice': the trial with the best final holdout accuracy had none been cut)\n\n"
-                    + rung_table(rr, shares))
+                    f"'final': a trial still at a smaller size of progressive resizing waits for its first epoch "
+                    f"at the final size; 'FIFO's choice': the trial with the best final holdout accuracy had none "
+                    f"been cut)\n\n" + rung_table(rr, shares))
+    for key, group in (real.groupby("searches") if len(real) else []):
+        r = res[(res.kind == "valid") & (res.setting == key)]
+        body.append(f"**Validation against real searches** ({key}: {len(group)} real searches by "
+                    f"bench/validate_sim.py, the same space and settings, {r.iloc[0].method if len(r) else ''} "
+                    f"as they ran: {jobs_method(jobs, key).label()}; their chosen trial's final model scored on val/, "
+                    f"beside the simulated val/ accuracy of the choice, the surrogate's plus a seed's noise)\n\n"
+                    + validation_text(r, group))
     body.append(f"- simulated {len(jobs)} searches in {time.perf_counter() - t0:.0f} s ({args.processes} processes)")
     if ratio is not None:
         n, w, (pt, lo, hi) = ratio
@@ -234,6 +358,10 @@ def main(argv=None) -> int:
     if args.record:
         record("simulate: what the search is worth, replayed on recorded curves", text)
     return 0
+
+
+def jobs_method(jobs: list[tuple], setting: str) -> sim.Method:
+    return next(j[3] for j in jobs if j[0] == "valid" and j[1] == setting)
 
 
 if __name__ == "__main__":

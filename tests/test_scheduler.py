@@ -150,3 +150,40 @@ def test_trials_checkpoint_where_asha_judges_them_at_the_end_and_every_n(epochs)
     assert checkpoint_epochs(epochs, shares, 0) == judged | {epochs}
     assert checkpoint_epochs(epochs, shares, 5) == judged | {epochs} | set(range(5, epochs + 1, 5))
     assert checkpoint_epochs(epochs, (), 1) == set(range(1, epochs + 1)), "every 1: each epoch, as before"
+
+
+def test_a_rung_can_wait_for_the_final_size_of_progressive_resizing():
+    """issue 16: a 16>32 trial of 8 epochs sat at 16 px when the 50% rung judged it (epoch 4) and was cut on a
+    holdout validated at 32 px. With `final_size` its rung waits for its first epoch at the final size, where
+    it is judged against the same records; off, it is judged where it stands, as before."""
+    for final_size, expect in ((True, ["CONTINUE", "STOP"]), (False, ["STOP"])):
+        s = ScheduleASHA(shares=[0.5], reduction_factor=2, metric="accuracy", mode="max", final_size=final_size)
+        for i, v in enumerate([0.6, 0.5, 0.55]):  # three plain trials recorded at the rung
+            assert s.decide(f"p{i}", 4, 8, v) == ("STOP" if v < 0.55 and i else "CONTINUE")
+        got = [s.decide("prog", 4, 8, 0.30, at_final_size=False)]
+        if final_size:
+            assert "prog" not in s.records[0.5], "judged while still at 16 px"
+            got.append(s.decide("prog", 5, 8, 0.40, at_final_size=True))
+        assert got == expect
+        assert s.records[0.5]["prog"] == (0.40 if final_size else 0.30)
+
+
+def test_on_trial_result_reads_the_stage_from_the_reported_size():
+    from types import SimpleNamespace
+
+    s = ScheduleASHA(shares=[0.5], reduction_factor=2, metric="accuracy", mode="max", final_size=True)
+    s.decide("p0", 2, 4, 0.9)
+    trial = SimpleNamespace(trial_id="prog", config={"size": 32, "sched": "one_cycle"})
+    low = {"accuracy": 0.1, "epoch": 2, "epochs": 4}
+    assert s.on_trial_result(None, trial, {**low, "size": 16}) == "CONTINUE"  # at 16 px: not judged yet
+    assert s.on_trial_result(None, trial, {**low, "epoch": 3, "size": 32}) == "STOP"
+
+
+def test_a_scheduler_pickled_before_final_size_existed_still_decides():
+    """Ray keeps the scheduler in tuner.pkl: a search started by an older tune_sota is resumed by this one."""
+    s = ScheduleASHA(shares=[0.5], reduction_factor=2, metric="accuracy", mode="max")
+    state = s.__dict__.copy()
+    del state["final_size"]
+    old = ScheduleASHA.__new__(ScheduleASHA)
+    old.__setstate__(state)
+    assert old.decide("a", 2, 4, 0.5, at_final_size=False) == "CONTINUE" and "a" in old.records[0.5]

@@ -67,3 +67,39 @@ def test_iqm_and_its_intervals():
     r, lo, hi = sim.ratio_interval([1.0] * 8, [2.0] * 8)
     assert (r, lo, hi) == (0.5, 0.5, 0.5)
     assert sim.ratio_interval([1.0] * 8, [math.inf] * 8)[0] == 0.0
+
+
+def test_confirmation_replay_buys_the_right_pick_and_costs_what_it_runs(model):
+    """The confirmation replayed (simulator.confirm): none keeps the holdout's pick and costs nothing; many
+    seeds of every completed trial find the search's best config; the cost counts each run, baseline's too."""
+    run = sim.simulate(model, sim.METHODS["random"], seed=3, workers=2, trials=8)
+    rng = np.random.default_rng(0)
+    none = sim.confirm(model, run, 8, top=0, seeds=0, rng=rng)
+    assert none["cost"] == 0 and none["regret"] == pytest.approx(run.regret_of(8))
+    done = [t for t in run.first(8) if not t["stopped"]]
+    quiet = sim.Surrogate.__new__(sim.Surrogate)  # the same model without val/ noise: the pick is certain
+    quiet.__dict__.update(model.__dict__, noise={**model.noise, "val": 0.0})
+    full = sim.confirm(quiet, run, 8, top=len(done), seeds=2, rng=rng)
+    assert full["picked_best"] and full["regret"] == pytest.approx(model.best - max(t["value"] for t in done))
+    one = sim.confirm(model, run, 8, top=1, seeds=3, rng=rng)
+    params = {k: done[0][k] for k in model.enc.keys}
+    best_holdout = max(done, key=lambda t: t["final"])
+    assert one["regret"] == pytest.approx(model.best - best_holdout["value"])  # one candidate: nothing to choose
+    assert one["cost"] > 3 * model.run_seconds(model.baseline()) and one["share"] == pytest.approx(
+        one["cost"] / run.compute_of(8))
+    assert model.run_seconds(params) > 0
+
+
+def test_rungs_at_the_final_size_reach_the_simulation():
+    """The 'final size' variant of the rungs is the product's ScheduleASHA option, driven by the stage the
+    surrogate's curve is in: progressive-resizing trials are judged later, so fewer are cut at the rung."""
+    table = sim.synthetic_table(40, seed=1)
+    m = sim.Surrogate(table, sim.synthetic_space(), seed=0, trees=20, candidates=200)
+    cut = {}
+    for final in (False, True):
+        method = sim.Method("random", "rungs", shares=(0.5,), final_size=final)
+        runs = [sim.simulate(m, method, seed=s, workers=2, trials=12) for s in range(4)]
+        prog = [t for r in runs for t in r.trials if t["resize"] == "16>32"]
+        cut[final] = sum(t["stopped"] and t["epochs_run"] <= t["epochs"] // 2 for t in prog)
+        assert method.label().startswith("asha rungs 50% rf 2" + (" final size" if final else ""))
+    assert cut[True] == 0 < cut[False]

@@ -57,12 +57,14 @@ class ScheduleASHA(FIFOScheduler):
     """
 
     DEFAULT_GROUP = "one_cycle"  # the shape of a trial that reports none (a search from before `sched`)
+    final_size = False  # what a scheduler pickled before the option existed (a resumed search) goes on with
 
     def __init__(self, *, shares: list[float], reduction_factor: int, state_file: str | None = None,
-                 metric: str | None = None, mode: str | None = None):
+                 metric: str | None = None, mode: str | None = None, final_size: bool = False):
         super().__init__()
         self.key, self.direction = metric, mode  # Tune sets them (set_search_properties) when not given
         self.shares, self.rf, self.state_file = sorted(shares), reduction_factor, state_file
+        self.final_size = final_size  # judge a trial at a rung only once it trains at its final size
         self.records: dict[float, dict[str, float]] = {s: {} for s in self.shares}
         self.groups: dict[str, str] = {}  # trial id -> its schedule shape, for those not of DEFAULT_GROUP
         self._load()
@@ -91,11 +93,15 @@ class ScheduleASHA(FIFOScheduler):
         """The schedule shape a recorded trial was judged with."""
         return self.groups.get(trial_id, self.DEFAULT_GROUP)
 
-    def decide(self, trial_id: str, epoch: int, epochs: int, value: float, group: str = DEFAULT_GROUP) -> str:
+    def decide(self, trial_id: str, epoch: int, epochs: int, value: float, group: str = DEFAULT_GROUP,
+               at_final_size: bool = True) -> str:
         """CONTINUE or STOP for a trial that finished `epoch` of `epochs` with `value`, judged against the
         trials of the same schedule shape `group` (the rule itself, without Ray: what `on_trial_result`
-        applies)."""
+        applies). A trial still in an earlier, smaller stage of progressive resizing (`at_final_size`
+        False) is not judged yet: its rungs wait for its first epoch at the final size."""
         if epochs <= 0 or epoch >= epochs or not math.isfinite(value):
+            return TrialScheduler.CONTINUE
+        if self.final_size and not at_final_size:
             return TrialScheduler.CONTINUE
         sign = 1.0 if self.direction == "max" else -1.0
         action, changed = TrialScheduler.CONTINUE, False
@@ -121,9 +127,12 @@ class ScheduleASHA(FIFOScheduler):
         reported, else from its config); results of failed epochs are not judged."""
         if result.get("error") or result.get("diverged") or self.key not in result:
             return TrialScheduler.CONTINUE
-        group = result.get("sched") or (getattr(trial, "config", None) or {}).get("sched") or self.DEFAULT_GROUP
+        config = getattr(trial, "config", None) or {}
+        group = result.get("sched") or config.get("sched") or self.DEFAULT_GROUP
+        final = config.get("size") or result.get("size")  # a result without sizes counts as at its final size
+        at_final = not result.get("size") or int(result["size"]) >= int(final)
         return self.decide(trial.trial_id, int(result["epoch"]), int(result["epochs"]), float(result[self.key]),
-                           group=str(group))
+                           group=str(group), at_final_size=at_final)
 
     def debug_string(self) -> str:
         return "ScheduleASHA: " + ", ".join(f"{s:.0%} of schedule: {len(r)} recorded" for s, r in self.records.items())

@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from tune_sota.config import Config, Dist, Space
-from tune_sota.schedule import parse_schedule, size_at_epoch
+from tune_sota.schedule import parse_schedule, rung_shares, size_at_epoch
 
 log = logging.getLogger(__name__)
 METRIC, MODE = "accuracy", "max"
@@ -174,6 +174,7 @@ class Draw:
     curve: np.ndarray  # holdout accuracy after each epoch, noise included
     seconds: np.ndarray
     value: float  # noise-free predicted val/ accuracy of the final model
+    at_final_size: np.ndarray  # whether each epoch trains at the final size (progressive resizing)
 
 
 class Surrogate:
@@ -225,7 +226,30 @@ class Surrogate:
         """A training run of `params` with one seed: the mean curve moved by a seed offset, plus jitter."""
         curve, seconds, value = self.mean(params)
         noisy = curve + rng.normal(0, self.noise["seed"]) + rng.normal(0, self.noise["epoch"], len(curve))
-        return Draw(params, np.clip(noisy, 0.0, 1.0), seconds, value)
+        return Draw(params, np.clip(noisy, 0.0, 1.0), seconds, value,
+                    np.array(self.enc.stage_sizes(params)) >= 1.0 - 1e-9)
+
+    def run_seconds(self, params: dict) -> float:
+        """Modelled trial-seconds of one whole run of `params`."""
+        return float(np.sum(self.mean(params)[1]))
+
+    def baseline(self) -> dict:
+        """Chapter 7's plain recipe (config.BASELINE) in the space's searched keys, each clipped to what the
+        surrogate can answer: a choice the space lacks becomes its first choice, a number its range."""
+        from tune_sota.config import BASELINE
+
+        out = {}
+        for key, d in self.space.searched.items():
+            v = BASELINE.get(key, getattr(Config, key))
+            if key == "resize" and not v:
+                v = str(self.enc.value({}, "size"))  # no progressive resizing: the final size throughout
+            if d.kind == "choice":
+                out[key] = next((a for a in d.args if str(a) == str(v)), d.args[0])
+            else:
+                lo, hi = float(d.args[0]), float(d.args[1])
+                out[key] = type(d.args[0])(min(max(float(v), lo), hi)) if d.kind == "randint" else \
+                    min(max(float(v), lo), hi)
+        return out
 
 
 def _plain(v):
@@ -294,6 +318,21 @@ class Method:
     rf: int = 2
     startup: int = 4
     shares: tuple = ()
+    final_size: bool = False  # ScheduleASHA judges a progressive-resizing trial only once at its final size
+
+    def label(self) -> str:
+        """The method in `search:` terms."""
+        if self.scheduler == "fifo":
+            sched = "fifo"
+        elif self.scheduler == "ray-asha":
+            sched = f"ray-asha grace {self.grace:g} rf {self.rf}"
+        else:
+            shares = self.shares or tuple(rung_shares(self.grace, self.rf))
+            sched = f"asha rungs {'/'.join(f'{x:.0%}' for x in shares)} rf {self.rf}" + \
+                (" final size" if self.final_size else "")
+        searcher = f"{self.searcher} ({self.startup} start-up)" if self.searcher in ("tpe", "gp", "ray-optuna") \
+            else self.searcher
+        return f"{sched} / {searcher}"
 
 
 METHODS = {
@@ -352,8 +391,10 @@ class Rule:
         from tune_sota.scheduler import ScheduleASHA, make_scheduler
 
         self.kind = method.scheduler
-        if self.kind == "rungs":
-            self.sched = ScheduleASHA(shares=list(method.shares), reduction_factor=method.rf, metric=METRIC, mode=MODE)
+        if self.kind in ("asha", "rungs"):  # the product's make_scheduler builds this one, shares from grace, rf
+            shares = list(method.shares) if self.kind == "rungs" else rung_shares(method.grace, method.rf)
+            self.sched = ScheduleASHA(shares=shares, reduction_factor=method.rf, metric=METRIC, mode=MODE,
+                                      final_size=method.final_size)
         else:
             self.sched = make_scheduler(self.kind, grace=method.grace, reduction_factor=method.rf,
                                         max_epochs=max_epochs)
@@ -370,7 +411,7 @@ class Rule:
             return False
         if self.kind in ("asha", "rungs"):
             return self.sched.decide(trial_id, result["epoch"], result["epochs"], result[METRIC],
-                                     group=result["sched"]) == "STOP"
+                                     group=result["sched"], at_final_size=result["at_final_size"]) == "STOP"
         return self.sched.on_trial_result(None, self.trials[trial_id], result) == "STOP"
 
     def complete(self, trial_id: str, result: dict) -> None:
@@ -385,6 +426,26 @@ class Run:
     events: np.ndarray  # columns: compute (trial-seconds), simulated wall seconds, regret of the choice, trials ended
     trials: list[dict] = field(default_factory=list)
     searcher: object = None  # the searcher it drove (its study holds what it was told)
+    best: float = math.nan  # the best val/ accuracy in the space, which regret is measured against
+
+    def first(self, budget: int) -> list[dict]:
+        """The trials of a search of `budget` trials: the first `budget` proposed (the simulation may run on
+        past them; later trials only add records to the rungs these were judged at)."""
+        return [t for t in self.trials if t["n"] < budget]
+
+    def choice(self, budget: int) -> dict | None:
+        """What the product picks after `budget` trials: the completed trial with the best final holdout
+        accuracy (None if every one was stopped)."""
+        done = [t for t in self.first(budget) if not t["stopped"]]
+        return max(done, key=lambda t: t["final"]) if done else None
+
+    def regret_of(self, budget: int) -> float:
+        c = self.choice(budget)
+        return self.best - c["value"] if c else math.inf
+
+    def compute_of(self, budget: int) -> float:
+        """Trial-seconds the first `budget` trials spent."""
+        return float(sum(t["seconds"] for t in self.first(budget)))
 
     def regret_after(self, n: int) -> float:
         """Regret of the choice once `n` trials have ended (the last event if fewer ended)."""
@@ -445,7 +506,8 @@ def simulate(model: Surrogate, method: Method, *, seed: int, workers: int, trial
         n = len(d.curve)
         state["compute"] += float(d.seconds[e - 1])
         result = {METRIC: float(d.curve[e - 1]), "epoch": e, "epochs": n, "training_iteration": e,
-                  "sched": t["sched"]}  # the schedule shape: tune_sota's ASHA compares each only with itself
+                  "sched": t["sched"],  # the schedule shape: tune_sota's ASHA compares each only with itself
+                  "at_final_size": bool(d.at_final_size[e - 1])}
         stopped = e < n and rule.stop(trial_id, result)
         if e < n and not stopped:
             searcher.on_trial_result(trial_id, result)
@@ -461,10 +523,32 @@ def simulate(model: Surrogate, method: Method, *, seed: int, workers: int, trial
         events.append((state["compute"], now, model.best - state["choice"] if not math.isnan(state["choice"])
                        else math.inf, state["ended"]))
         done.append({"id": trial_id, "n": t["n"], "value": d.value, "final": float(d.curve[-1]), "epochs": n,
-                     "epochs_run": e, "stopped": stopped, **d.params})
+                     "epochs_run": e, "stopped": stopped, "seconds": float(np.sum(d.seconds[:e])), **d.params})
         del live[trial_id]
         start(now)
-    return Run(np.array(events, dtype=float).reshape(-1, 4), done, searcher)
+    return Run(np.array(events, dtype=float).reshape(-1, 4), done, searcher, model.best)
+
+
+def confirm(model: Surrogate, run: Run, budget: int, *, top: int, seeds: int, rng: np.random.Generator) -> dict:
+    """The product's confirmation (confirm.py) replayed after a search of `budget` trials: the `top` best
+    completed trials on the holdout are each retrained with `seeds` seeds and scored on val/ (each run's
+    val/ accuracy is the config's plus a seed's noise, `noise["val"]`), the best mean wins; the baseline
+    runs `seeds` times too, for the gain. `top` 0 is no confirmation: the holdout's pick stands.
+    Returns the pick's regret, whether it is the best config the search ran (by true val/ accuracy), and
+    the confirmation's cost in trial-seconds and as a share of the search's."""
+    done = sorted((t for t in run.first(budget) if not t["stopped"]), key=lambda t: -t["final"])
+    if not done:
+        return {"regret": math.inf, "picked_best": False, "cost": 0.0, "share": 0.0}
+    truly = max(done, key=lambda t: t["value"])
+    pick, cost = done[0], 0.0
+    if top and seeds:
+        cands = done[:top]
+        means = [t["value"] + float(np.mean(rng.normal(0, model.noise["val"], seeds))) for t in cands]
+        pick = cands[int(np.argmax(means))]
+        params = [{k: t[k] for k in model.enc.keys} for t in cands]
+        cost = seeds * (sum(model.run_seconds(p) for p in params) + model.run_seconds(model.baseline()))
+    return {"regret": model.best - pick["value"], "picked_best": pick is truly, "cost": cost,
+            "share": cost / max(run.compute_of(budget), 1e-9)}
 
 
 # ---------------------------------------------------------------- statistics
