@@ -187,3 +187,20 @@ def test_a_scheduler_pickled_before_final_size_existed_still_decides():
     old = ScheduleASHA.__new__(ScheduleASHA)
     old.__setstate__(state)
     assert old.decide("a", 2, 4, 0.5, at_final_size=False) == "CONTINUE" and "a" in old.records[0.5]
+
+
+def test_trials_checkpoint_where_a_waiting_rung_judges_them():
+    """With `final_size_rungs` a 16>32 trial of 8 epochs is judged at epoch 5 (its first at 32 px), not 4."""
+    from tune_sota.config import Config
+    from tune_sota.trainable import checkpoint_epochs, first_final_epoch
+
+    cfg = Config(data="digits", size=32, resize="16>32", epochs=8)
+    assert first_final_epoch(cfg) == 5 and first_final_epoch(Config(data="digits", size=32, epochs=8)) == 1
+    assert checkpoint_epochs(8, [0.5], 0, first_final_epoch(cfg)) == {5, 8}
+    asha = ScheduleASHA(shares=[0.5], reduction_factor=2, metric="accuracy", mode="max", final_size=True)
+    judged = []
+    for e in range(1, 9):
+        asha.decide("t", e, 8, 0.5, at_final_size=e >= first_final_epoch(cfg))
+        if "t" in asha.records[0.5] and not judged:
+            judged.append(e)
+    assert judged == [5]

@@ -248,6 +248,8 @@ class SearchSettings:
     grace: float = _opt(0.5, "ASHA: share of its schedule a trial runs before it can be stopped; rungs sit at "
                         "1/rf, 1/rf^2... of each schedule down to this share", _between(0.01, 0.99))
     reduction_factor: int = _opt(2, "ASHA: keep the top 1/N at each rung", _between(2, 100))
+    final_size_rungs: bool = _opt(False, "ASHA: a progressive-resizing trial still training below its final size at "
+                                  "a rung waits for its first epoch at the final size to be judged there")
     searcher: str = _opt("tpe", "Optuna sampler: 'tpe' (random for startup_trials, then TPE) or 'random'; "
                          "'ray-optuna' is Ray's stock OptunaSearch with TPE, which reports stopped trials as "
                          "complete (no study on disk; for comparison)", _one_of(*SEARCHERS))

@@ -139,7 +139,7 @@ class ScheduleASHA(FIFOScheduler):
 
 
 def make_scheduler(name: str, *, grace: float, reduction_factor: int, max_epochs: int,
-                   state_file: str | None = None) -> TrialScheduler:
+                   state_file: str | None = None, final_size: bool = False) -> TrialScheduler:
     """The scheduler a space names: `asha` (schedule-fair, the default), `fifo` (no early stopping), or
     `ray-asha` (Ray's stock ASHA on epoch counts, kept only to measure what the fair one changes)."""
     if name == "fifo":
@@ -149,4 +149,4 @@ def make_scheduler(name: str, *, grace: float, reduction_factor: int, max_epochs
                              grace_period=max(1, math.ceil(grace * max_epochs - 1e-9)),
                              reduction_factor=reduction_factor)
     return ScheduleASHA(shares=rung_shares(grace, reduction_factor), reduction_factor=reduction_factor,
-                        state_file=state_file)
+                        state_file=state_file, final_size=final_size)

@@ -302,7 +302,7 @@ def checkpoint_plan(space: Space) -> dict:
     rung shares of the space's schedule-fair ASHA and `search.checkpoint_every`."""
     s = space.search
     shares = rung_shares(s.grace, s.reduction_factor) if s.scheduler == "asha" else []
-    return {"shares": shares, "every": s.checkpoint_every}
+    return {"shares": shares, "every": s.checkpoint_every, "final_size": s.final_size_rungs}
 
 
 def trial_dirname(trial) -> str:
@@ -331,7 +331,7 @@ def tune_config(space: Space, name: str, results_dir: Path) -> tune.TuneConfig:
     s = space.search
     early = scheduler.make_scheduler(s.scheduler, grace=s.grace,
                                      reduction_factor=s.reduction_factor, max_epochs=max_epochs(space),
-                                     state_file=str(results_dir / "scheduler.json"))
+                                     state_file=str(results_dir / "scheduler.json"), final_size=s.final_size_rungs)
     if s.time_budget:  # no new trial once spent; running ones stop at the end of their epoch (budget.py)
         early = budget.TimeBudget(early, parse_duration(s.time_budget), str(results_dir / "budget.json"))
     return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(space, name, results_dir),

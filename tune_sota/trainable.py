@@ -23,6 +23,7 @@ from ray import tune
 
 from tune_sota.config import Config
 from tune_sota.results import EpochReport
+from tune_sota.schedule import size_at_epoch
 
 STATE_FILE = "state.pt"  # model and optimizer (recipe.save_state)
 ERROR_FILE = "error.txt"  # the traceback of a trial that raised
@@ -38,23 +39,29 @@ def _assigned_gpus() -> float | None:
     return ray.get_runtime_context().get_assigned_resources().get("GPU")
 
 
-def checkpoint_epochs(epochs: int, shares=(), every: int = 0) -> set[int]:
+def checkpoint_epochs(epochs: int, shares=(), every: int = 0, first_final: int = 1) -> set[int]:
     """The epochs after which a run of `epochs` checkpoints: where ASHA judges it (the first epoch at or
-    past each rung share, as `scheduler.ScheduleASHA.decide` does), its last, and every `every` epochs.
+    past each rung share, as `scheduler.ScheduleASHA.decide` does, and not before `first_final`, the first
+    epoch at the final size, when its rungs wait for it), its last, and every `every` epochs.
 
     A checkpoint of xresnet50 with Adam's buffers is about 283 MB, persisted inside the epoch's report
     (over NFS or S3, seconds or more); the rungs and the end are where one is needed, the rest is for
     what a lost node or a stop may cost (bench/checkpoint_cost.py)."""
-    at = {math.ceil(s * epochs - 1e-9) for s in shares} | {epochs}
+    at = {max(math.ceil(s * epochs - 1e-9), first_final) for s in shares} | {epochs}
     if every:
         at |= set(range(every, epochs + 1, every))
     return {e for e in at if 1 <= e <= epochs}
 
 
-def trial(config: dict, shares=(), every: int = 0) -> None:
+def first_final_epoch(cfg: Config) -> int:
+    """The first epoch (1-based) a run trains at its final size: after its progressive-resizing stages."""
+    return next(e + 1 for e in range(cfg.epochs) if size_at_epoch(cfg.stages, cfg.epochs, e) >= cfg.stages[-1][0])
+
+
+def trial(config: dict, shares=(), every: int = 0, final_size: bool = False) -> None:
     """One search trial: train `config`, reporting every epoch, with a checkpoint at the epochs of
     `checkpoint_epochs(epochs, shares, every)`; resume from one if given."""
-    _run(config, tta=False, shares=shares, every=every)
+    _run(config, tta=False, shares=shares, every=every, final_size=final_size)
 
 
 def confirmation(config: dict, every: int = 0) -> None:
@@ -63,7 +70,7 @@ def confirmation(config: dict, every: int = 0) -> None:
     _run(config["run"]["config"], tta=True, every=every)
 
 
-def _run(config: dict, tta: bool, shares=(), every: int = 0) -> None:
+def _run(config: dict, tta: bool, shares=(), every: int = 0, final_size: bool = False) -> None:
     """Train `config` under Tune, one report per epoch (those of `checkpoint_epochs` with a checkpoint),
     resuming from one.
 
@@ -83,7 +90,7 @@ def _run(config: dict, tta: bool, shares=(), every: int = 0) -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     cfg = Config(**config)
-    checkpoint_at = checkpoint_epochs(cfg.epochs, shares, every)
+    checkpoint_at = checkpoint_epochs(cfg.epochs, shares, every, first_final_epoch(cfg) if final_size else 1)
     blob, restored = None, {}
     if (ckpt := tune.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
