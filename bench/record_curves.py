@@ -12,7 +12,9 @@ final checkpoint scored on val/ (plain and with TTA: `recipe.evaluate`), and a s
 them is trained again with another seed, outside Ray but by the same `recipe.train`, judged on the
 same holdout and scored on val/ too. The chunk's rows are then appended to `bench/curves/curves.csv.gz`
 (one row per trial per epoch), its checkpoints deleted, and `bench/curves/README.md` rewritten.
-Every phase is recorded in `--work`/manifest.json, so `--resume` carries on where a chunk stopped:
+Every phase is recorded in `--work`/manifest.json (copied to `bench/curves/chunks.json` with each table, so
+a later session with a fresh work folder numbers its chunks on and keeps the committed rows), so
+`--resume` carries on where a chunk stopped:
 the search through the product's own `--resume`, the scoring and replicates job by job.
 """
 
@@ -44,6 +46,7 @@ from tune_sota.config import Config, UserError, load_space, parse_space, write_a
 
 SPACE = BENCH / "curves" / "space.yaml"
 OUT = BENCH / "curves"
+CHUNKS = "chunks.json"  # the manifest's copy beside the table: a later session's work folder starts from it
 REPLICATE_SEED = 1000  # a replicate trains with its original's seed + this
 # One row per trial per epoch; the per-trial values (config, status, val/ scores) repeat on each row,
 # which gzip makes nearly free and which keeps the table one flat file.
@@ -202,16 +205,25 @@ def _save_manifest(work: Path, manifest: dict) -> None:
 def write_table(work: Path, manifest: dict, out: Path) -> pd.DataFrame:
     """All recorded chunks as one table, `out/curves.csv.gz` (byte-identical for identical rows), and
     `out/README.md` describing how they were made."""
+    dtype = {"trial_id": str, "replicate_of": str, "resize": str}
     chunks = [e for e in manifest["chunks"] if e["state"] == "recorded"]
-    table = pd.concat([pd.read_csv(work / e["name"] / "chunk.csv", dtype={"trial_id": str, "replicate_of": str,
-                                                                         "resize": str})
-                       for e in chunks], ignore_index=True) if chunks else pd.DataFrame()
+    here = [e for e in chunks if (work / e["name"] / "chunk.csv").is_file()]
+    frames = [pd.read_csv(work / e["name"] / "chunk.csv", dtype=dtype) for e in here]
+    # Chunks recorded in another session (another machine, or a work folder since cleaned) are in the
+    # committed table only: keep their rows, ahead of this work folder's.
+    committed = out / "curves.csv.gz"
+    if committed.is_file():
+        old = pd.read_csv(committed, dtype=dtype)
+        old = old[~old.chunk.isin({e["name"] for e in here})]
+        frames = [old, *frames] if len(old) else frames
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:  # mtime 0: same rows, same bytes
         gz.write(table.to_csv(index=False, float_format="%.5g").encode())
     (out / "curves.csv.gz").write_bytes(buf.getvalue())
     (out / "README.md").write_text(readme(manifest, table))
+    write_atomic(out / CHUNKS, json.dumps(manifest, indent=1))  # how each chunk was made, for the next session
     return table
 
 
@@ -261,7 +273,13 @@ def main(argv=None) -> int:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     mpath = work / "manifest.json"
-    manifest = json.loads(mpath.read_text()) if mpath.is_file() else {"chunks": [], "machine": machine()}
+    if mpath.is_file():
+        manifest = json.loads(mpath.read_text())
+    elif (Path(args.out) / CHUNKS).is_file():  # a new work folder: carry on from the committed chunks
+        manifest = json.loads((Path(args.out) / CHUNKS).read_text())
+        _save_manifest(work, manifest)
+    else:
+        manifest = {"chunks": [], "machine": machine()}
     open_chunks = [e for e in manifest["chunks"] if e["state"] != "recorded"]
     try:
         if open_chunks and not args.resume:
