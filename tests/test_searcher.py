@@ -72,7 +72,7 @@ def test_restored_searcher_carries_on_with_the_same_study(searcher, tmp_path):
     assert confirmed["winner_number"] == 1 and confirmed["gain_points"] == 2.5
 
 
-@pytest.mark.parametrize("kind", ["tpe", "random"])
+@pytest.mark.parametrize("kind", ["tpe", "gp", "random"])
 def test_a_resumed_searcher_proposes_what_an_uninterrupted_one_would_never_a_repeat(tmp_path, kind):
     """A searcher rebuilt on the same study (a resumed search) once restarted its seeded start-up proposals:
     trial 3 repeated trial 0's config. Each proposal now depends on the seed and the trial's number."""

@@ -232,7 +232,7 @@ class Config:
 
 
 SCHEDULERS = ("asha", "fifo", "ray-asha")  # tune_sota.scheduler.make_scheduler builds them
-SEARCHERS = ("tpe", "random", "ray-optuna")  # search.make_searcher builds them
+SEARCHERS = ("tpe", "gp", "random", "ray-optuna")  # search.make_searcher builds them
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,8 @@ class SearchSettings:
     reduction_factor: int = _opt(2, "ASHA: keep the top 1/N at each rung", _between(2, 100))
     final_size_rungs: bool = _opt(False, "ASHA: a progressive-resizing trial still training below its final size at "
                                   "a rung waits for its first epoch at the final size to be judged there")
-    searcher: str = _opt("tpe", "Optuna sampler: 'tpe' (random for startup_trials, then TPE) or 'random'; "
+    searcher: str = _opt("tpe", "Optuna sampler: 'tpe' (random for startup_trials, then TPE), 'gp' (random for "
+                         "startup_trials, then Optuna's Gaussian-process sampler) or 'random'; "
                          "'ray-optuna' is Ray's stock OptunaSearch with TPE, which reports stopped trials as "
                          "complete (no study on disk; for comparison)", _one_of(*SEARCHERS))
     seed: int = _opt(0, "seed of Optuna's sampler", _at_least(0))

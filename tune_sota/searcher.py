@@ -42,7 +42,7 @@ def distribution(d: Dist) -> BaseDistribution:
 
 def sampler(kind: str, seed: int, startup_trials: int) -> optuna.samplers.BaseSampler:
     """The Optuna sampler named `kind`: TPE after `startup_trials` random ones, random throughout, or `gp`
-    (Optuna's Gaussian-process sampler after `startup_trials` random ones; the simulator compares it)."""
+    (Optuna's Gaussian-process sampler after `startup_trials` random ones)."""
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "gp":
