@@ -201,13 +201,13 @@ def rung_table(res: pd.DataFrame, shares: list[float]) -> str:
 GP = "GP sampler (on to 1.5x)"
 SWEEP = {  # the defaults' candidates (--sweep): one knob moved at a time from the shipped method
     "shipped": sim.METHODS["tune_sota"],
+    "before issue 16: rung 50%": sim.Method("tpe", "asha", grace=0.5, final_size=False),
     "no early stopping": sim.Method("tpe", "fifo"),
+    "rung 75%, not waiting for the final size": sim.Method("tpe", "asha", final_size=False),
+    "rung 50% at the final size": sim.Method("tpe", "asha", grace=0.5),
+    "rungs 50%, 75% at the final size": sim.Method("tpe", "rungs", shares=(0.5, 0.75)),
     "grace 0.25 (rungs 25%, 50%)": sim.Method("tpe", "asha", grace=0.25),
     "rf 3, grace 0.33 (rung 33%)": sim.Method("tpe", "asha", grace=0.33, rf=3),
-    "rung 50%, rf 3": sim.Method("tpe", "rungs", shares=(0.5,), rf=3),
-    "rung 75%": sim.Method("tpe", "rungs", shares=(0.75,)),
-    "rung 50% at the final size": sim.Method("tpe", "asha", final_size=True),
-    "rungs 50%, 75% at the final size": sim.Method("tpe", "rungs", shares=(0.5, 0.75), final_size=True),
     "2 start-up trials": sim.Method("tpe", "asha", startup=2),
     "8 start-up trials": sim.Method("tpe", "asha", startup=8),
     "random sampler": sim.Method("random", "asha"),
@@ -286,7 +286,8 @@ def main(argv=None) -> int:
     n0, w0 = settings[0]
     if shares:
         jobs += [("rung", f"{n0}x{w0}", "fifo", sim.Method("random", "fifo"), s, n0, w0, n0) for s in seeds]
-        jobs += [("rung", f"{n0}x{w0}", f"rung {sh:.2f}", sim.Method("random", "rungs", shares=(sh,)), s, n0, w0, n0)
+        jobs += [("rung", f"{n0}x{w0}", f"rung {sh:.2f}", sim.Method("random", "rungs", shares=(sh,),
+                                                                    final_size=False), s, n0, w0, n0)
                  for sh in shares for s in seeds]
         jobs += [("rung", f"{n0}x{w0}", f"rung {sh:.2f} final", sim.Method("random", "rungs", shares=(sh,),
                                                                           final_size=True), s, n0, w0, n0)

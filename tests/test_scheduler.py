@@ -34,7 +34,7 @@ def test_rung_shares():
     assert rung_shares(0.5, 2) == [0.5]
     assert rung_shares(0.25, 2) == [0.25, 0.5]
     assert rung_shares(0.1, 3) == pytest.approx([1 / 9, 1 / 3])
-    assert rung_shares(0.6, 2) == []
+    assert rung_shares(0.6, 2) == [0.6] and rung_shares(0.75, 2) == [0.75]  # above 1/rf: one rung at grace
 
 
 def test_rule_compares_trials_at_the_same_share_of_their_schedules(tmp_path):

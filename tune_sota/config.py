@@ -245,10 +245,11 @@ class SearchSettings:
                           "schedule, and only with trials of the same sched; 'fifo' stops nothing; 'ray-asha' is "
                           "Ray's stock ASHA on epoch counts (not fair to searched epochs; for comparison)",
                           _one_of(*SCHEDULERS))
-    grace: float = _opt(0.5, "ASHA: share of its schedule a trial runs before it can be stopped; rungs sit at "
-                        "1/rf, 1/rf^2... of each schedule down to this share", _between(0.01, 0.99))
+    grace: float = _opt(0.75, "ASHA: share of its schedule a trial runs before it can be stopped; rungs sit at "
+                        "1/rf, 1/rf^2... of each schedule down to this share, or at this share alone when it is "
+                        "above 1/rf", _between(0.01, 0.99))
     reduction_factor: int = _opt(2, "ASHA: keep the top 1/N at each rung", _between(2, 100))
-    final_size_rungs: bool = _opt(False, "ASHA: a progressive-resizing trial still training below its final size at "
+    final_size_rungs: bool = _opt(True, "ASHA: a progressive-resizing trial still training below its final size at "
                                   "a rung waits for its first epoch at the final size to be judged there")
     searcher: str = _opt("tpe", "Optuna sampler: 'tpe' (random for startup_trials, then TPE), 'gp' (random for "
                          "startup_trials, then Optuna's Gaussian-process sampler) or 'random'; "
@@ -266,7 +267,7 @@ class SearchSettings:
     confirm_top: int = _opt(2, "best completed trials (at most) retrained on all of train/ and scored on val/, "
                             "plainly and with TTA; 0 = none",
                             _between(0, 100))
-    confirm_seeds: int = _opt(3, "seeds per confirmed config (and per baseline); the result is their mean +- std",
+    confirm_seeds: int = _opt(2, "seeds per confirmed config (and per baseline); the result is their mean +- std",
                               _between(1, 100))
     cpus_per_trial: float = _opt(1.0, "CPUs each trial reserves", _between(0.01, 1024))
     gpus_per_trial: float = _opt(0.0, "GPUs each trial reserves; fractions share a GPU", _between(0, 64))

@@ -12,7 +12,6 @@ from PIL import Image
 
 from tune_sota import cluster, sources
 from tune_sota.config import Space, UserError, presize_of
-from tune_sota.schedule import rung_shares
 
 
 def check_data(data: str, out=print) -> sources.Scan | None:
@@ -81,15 +80,6 @@ def _item_sizes(space: Space) -> list[int]:
     return sizes
 
 
-def check_search(space: Space) -> None:
-    """Search settings that cannot work with this space."""
-    s = space.search
-    if s.scheduler == "asha" and not rung_shares(s.grace, s.reduction_factor):
-        raise UserError(f"{space.source}: search.grace {s.grace:g} leaves ASHA no rung with reduction_factor "
-                        f"{s.reduction_factor} (rungs sit at 1/rf, 1/rf^2... of a schedule); use grace <= "
-                        f"{1 / s.reduction_factor:.3g}, or scheduler: fifo for no early stopping")
-
-
 def check_gpus(gpus_per_trial: float, address: str | None) -> None:
     """On local Ray, GPUs asked for must exist (a cluster is checked once joined)."""
     if gpus_per_trial <= 0 or address:
@@ -103,7 +93,6 @@ def check_gpus(gpus_per_trial: float, address: str | None) -> None:
 
 def check(space: Space, address: str | None = None, out=print) -> None:
     """Every check that can run before Ray starts."""
-    check_search(space)
     holdout = space.search.holdout if space.search.select_on == "holdout" else 0.0
     for d in space.options("data"):
         found = check_data(d, out)

@@ -65,9 +65,10 @@ def size_at_epoch(stages: list[tuple[int, float]], epochs: int, epoch: int) -> i
 
 
 def rung_shares(grace: float, reduction_factor: int) -> list[float]:
-    """Rungs as shares of a schedule, ascending: 1/rf^k for k >= 1 down to `grace`."""
+    """Rungs as shares of a schedule, ascending: 1/rf^k for k >= 1 down to `grace`; a grace above 1/rf is
+    one rung at `grace` itself (the default 0.75: the recorded curves put the one rung there, issue 16)."""
     shares, k = [], 1
     while reduction_factor ** -k >= grace - 1e-9:
         shares.append(reduction_factor ** -k)
         k += 1
-    return sorted(shares)
+    return sorted(shares) or [grace]

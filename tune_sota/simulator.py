@@ -58,7 +58,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from tune_sota.config import Config, Dist, Space
+from tune_sota.config import Config, Dist, SearchSettings, Space
 from tune_sota.schedule import parse_schedule, rung_shares, size_at_epoch
 
 log = logging.getLogger(__name__)
@@ -343,17 +343,20 @@ def heldout_spearman(table: pd.DataFrame, space: Space, *, folds: int = 5, seed:
 # ---------------------------------------------------------------- methods: the product's own code
 
 
+SHIPPED = SearchSettings()  # the product's defaults: what "tune_sota" replays
+
+
 @dataclass(frozen=True)
 class Method:
-    """A search method: a searcher and a scheduler, as `search:` would name them."""
+    """A search method: a searcher and a scheduler, as `search:` would name them (unset: the shipped ones)."""
 
     searcher: str  # random | tpe | gp | ray-optuna | oracle
     scheduler: str  # fifo | asha | ray-asha | rungs (ScheduleASHA at exactly `shares`)
-    grace: float = 0.5
-    rf: int = 2
-    startup: int = 4
+    grace: float = SHIPPED.grace
+    rf: int = SHIPPED.reduction_factor
+    startup: int = SHIPPED.startup_trials
     shares: tuple = ()
-    final_size: bool = False  # ScheduleASHA judges a progressive-resizing trial only once at its final size
+    final_size: bool = SHIPPED.final_size_rungs  # progressive-resizing trials judged only at their final size
 
     def label(self) -> str:
         """The method in `search:` terms."""
@@ -372,7 +375,7 @@ class Method:
 
 METHODS = {
     "random": Method("random", "fifo"),
-    "tune_sota": Method("tpe", "asha"),  # the shipped defaults: TPE (4 start-up trials), fair ASHA, grace 0.5, rf 2
+    "tune_sota": Method(SHIPPED.searcher, SHIPPED.scheduler),  # the shipped defaults (SearchSettings)
     "tpe": Method("tpe", "fifo"),
     "random+asha": Method("random", "asha"),
     "tpe+ray-asha": Method("tpe", "ray-asha"),
