@@ -294,12 +294,16 @@ def main(argv=None) -> int:
                  for sh in shares for s in seeds]
     real = pd.read_csv(args.validation, dtype={"resize": str}) if Path(args.validation).is_file() \
         and not args.synthetic else pd.DataFrame()
-    for key, group in (real.groupby("searches") if len(real) else []):
-        n, w = parse_settings(key)[0]
+    groups = []  # real searches of one budget and one set of decision settings each
+    keys = ["searches", "scheduler", "grace", "reduction_factor", "searcher", "startup_trials", "final_size"]
+    for _, group in (real.groupby(keys, sort=False) if len(real) else []):
         g = group.iloc[0]
+        n, w = parse_settings(g.searches)[0]
         method = sim.Method(g.searcher, g.scheduler, grace=float(g.grace), rf=int(g.reduction_factor),
                             startup=int(g.startup_trials), final_size=bool(g.final_size))
-        jobs += [("valid", key, "tune_sota", method, s, n, w, n) for s in seeds]
+        tag = f"{g.searches} {method.label()}"
+        groups.append((tag, g.searches, method, group))
+        jobs += [("valid", tag, "tune_sota", method, s, n, w, n) for s in seeds]
     if args.sweep:
         jobs += [("sweep", f"{n}x{w}", name, m, s, int(round(n * SWEEP_EXTEND)), w, n)
                  for n, w in settings for name, m in {"random": sim.METHODS["random"], **SWEEP}.items() for s in seeds]
@@ -347,13 +351,12 @@ def main(argv=None) -> int:
                     f"'final': a trial still at a smaller size of progressive resizing waits for its first epoch "
                     f"at the final size; 'FIFO's choice': the trial with the best final holdout accuracy had none "
                     f"been cut)\n\n" + rung_table(rr, shares))
-    for key, group in (real.groupby("searches") if len(real) else []):
-        r = res[(res.kind == "valid") & (res.setting == key)]
-        body.append(f"**Validation against real searches** ({key}: {len(group)} real searches by "
-                    f"bench/validate_sim.py, the same space and settings, {r.iloc[0].method if len(r) else ''} "
-                    f"as they ran: {jobs_method(jobs, key).label()}; their chosen trial's final model scored on val/, "
-                    f"beside the simulated val/ accuracy of the choice, the surrogate's plus a seed's noise)\n\n"
-                    + validation_text(r, group))
+    for tag, searches, method, group in groups:
+        r = res[(res.kind == "valid") & (res.setting == tag)]
+        body.append(f"**Validation against real searches** ({searches}, {method.label()}: {len(group)} real "
+                    f"search(es) by bench/validate_sim.py of the same space with these settings; the chosen trial's "
+                    f"final model scored on val/, beside the simulated val/ accuracy of the choice, the surrogate's "
+                    f"plus a seed's noise)\n\n" + validation_text(r, group))
     body.append(f"- simulated {len(jobs)} searches in {time.perf_counter() - t0:.0f} s ({args.processes} processes)")
     if ratio is not None:
         n, w, (pt, lo, hi) = ratio
@@ -379,10 +382,6 @@ def _to(events: np.ndarray, regret: float) -> float:
     """Trial-seconds until the choice came within `regret`, or all that was spent if it never did."""
     t = sim.Run(events).compute_to(regret)
     return t if math.isfinite(t) else float(events[-1, 0])
-
-
-def jobs_method(jobs: list[tuple], setting: str) -> sim.Method:
-    return next(j[3] for j in jobs if j[0] == "valid" and j[1] == setting)
 
 
 if __name__ == "__main__":
