@@ -44,6 +44,7 @@ def real_space(seed: int, trials: int, workers: int):
     return load_space(str(SPACE), [f"search.scheduler={d.scheduler}", f"search.searcher={d.searcher}",
                                    f"search.grace={d.grace}", f"search.reduction_factor={d.reduction_factor}",
                                    f"search.startup_trials={d.startup_trials}", f"search.seed={seed}",
+                                   f"search.final_size_rungs={str(d.final_size_rungs).lower()}",
                                    f"search.num_samples={trials}", f"search.max_concurrent={workers}",
                                    "search.confirm_top=0", f"search.keep_checkpoints={d.keep_checkpoints}"])
 
@@ -71,7 +72,7 @@ def one_search(seed: int, trials: int, workers: int, work: Path) -> dict:
     d = space.search
     return {"searches": f"{trials}x{workers}", "seed": seed, "scheduler": d.scheduler, "grace": d.grace,
             "reduction_factor": d.reduction_factor, "searcher": d.searcher, "startup_trials": d.startup_trials,
-            "final_size": bool(getattr(d, "final_size", False)), "trial_id": best.trial_id,
+            "final_size": bool(d.final_size_rungs), "trial_id": best.trial_id,
             **{k: cfg.get(k) for k in space.searched}, "holdout_accuracy": float(best.accuracy),
             "val_accuracy": s["val_accuracy"], "val_tta": s["val_tta"], "trial_cpu_s": float(cpu.sum()),
             "stopped": int((trials_t.status == "stopped").sum()), "trials": int(len(trials_t))}
