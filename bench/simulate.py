@@ -51,11 +51,8 @@ def _job(args: tuple) -> dict:
     """One simulated search (in a worker)."""
     kind, setting, name, method, seed, trials, workers, budget = args
     run = sim.simulate(MODEL, method, seed=seed, workers=workers, trials=trials)
-    to_target = run.compute_to(TARGET)
-    censored = not math.isfinite(to_target)  # never within 1 point: all it spent is a lower bound
     out = {"kind": kind, "setting": setting, "method": name, "seed": seed, "regret": run.regret_of(budget),
-           "compute": run.compute_of(budget), "censored": censored,
-           "to_target": float(run.events[-1, 0]) if censored else to_target,
+           "compute": run.compute_of(budget),
            "stopped": sum(t["stopped"] for t in run.first(budget)) / budget, "events": run.events}
     # (the searcher, with its study, stays here: it does not pickle back to the parent)
     if kind == "rung":
@@ -76,7 +73,7 @@ def method_table(res: pd.DataFrame, methods: list[str], budget: int, label=None)
     """The markdown table of one setting, and each method's compute-to-target values. 'At equal compute':
     each method's regret once it has spent what random search spends on `budget` trials (median over
     seeds), which is fair to a method that stops trials and could run more of them."""
-    rows, to_target = [], {}
+    rows, to_target, never = [], {}, {}
     base = res[res.method == "random"].compute.median() if "random" in set(res.method) else math.nan
     # Compute to within 1 point is censored at one cap for every method: the least compute any search of this
     # setting ran to. (Capping each search at what it spent itself favoured methods that spend less per
@@ -90,7 +87,7 @@ def method_table(res: pd.DataFrame, methods: list[str], budget: int, label=None)
         reached = np.array([sim.Run(x.events).compute_to(TARGET) for x in r.itertuples()])
         to_target[name] = np.minimum(reached, cap)
         tt = sim.iqm_interval(to_target[name])
-        censored = int(np.sum(reached > cap))
+        never[name] = censored = int(np.sum(reached > cap))
         within = float(np.mean(r.regret <= TARGET + 1e-12))
         rows.append([name, label(name) if label else sim.METHODS[name].label(), _pts(reg), _pts(eq), f"{within:.0%}",
                      f"{r.compute.median():,.0f}" + (f" ({r.compute.median() / base:.2f})" if base == base else ""),
@@ -99,7 +96,7 @@ def method_table(res: pd.DataFrame, methods: list[str], budget: int, label=None)
                   "regret at random's compute (IQM [95%])", "seeds within 1 point",
                   "trial-s spent (median; of random's)", "trials stopped",
                   f"trial-s to within 1 point, capped at {cap:,.0f} (IQM [95%])",
-                  "seeds not within 1 point by the cap"], rows), to_target, cap
+                  "seeds not within 1 point by the cap"], rows), to_target, cap, never
 
 
 def _pts(v: tuple[float, float, float]) -> str:
@@ -325,14 +322,14 @@ def main(argv=None) -> int:
     body, ratio = ["\n".join(lines)], None
     for n, w in settings:
         r = res[(res.kind == "method") & (res.setting == f"{n}x{w}")]
-        text, to_target, cap = method_table(r, methods, n)
+        text, to_target, cap, never = method_table(r, methods, n)
         fig = out / f"anytime_{n}x{w}.png"
         anytime_figure(r, methods, f"{n} trials, {w} workers: IQM regret over {args.seeds} seeds, 95% bands", fig)
         shown = fig.relative_to(BENCH.parent) if fig.is_relative_to(BENCH.parent) else fig
         body.append(f"**{n} trials, {w} workers** (figure: {shown})\n\n{text}")
         if ratio is None and "tune_sota" in to_target and "random" in to_target:
             ratio = (n, w, sim.ratio_interval(to_target["tune_sota"], to_target["random"]))
-            censored = {m: int(np.sum(to_target[m] >= cap)) for m in ("tune_sota", "random")}
+            censored = never
             ratio_cap = cap
             two = {m: np.array([sim.Run(x.events).compute_to(2 * TARGET) for x in r[r.method == m].itertuples()])
                    for m in ("tune_sota", "random")}
@@ -347,7 +344,7 @@ def main(argv=None) -> int:
         for n, w in settings:
             r = res[(res.kind == "sweep") & (res.setting == f"{n}x{w}")]
             names = ["random", *SWEEP, *([GP] if (n, w) == (n0, w0) else [])]
-            text, _, _ = method_table(r, names, n, label=lambda m: (SWEEP.get(m) or sim.METHODS[m if m != GP
+            text, *_ = method_table(r, names, n, label=lambda m: (SWEEP.get(m) or sim.METHODS[m if m != GP
                                                                                          else "gp+asha"]).label())
             body.append(f"**Defaults, {n} trials, {w} workers** (one knob moved at a time from the shipped method; "
                         f"runs on to {SWEEP_EXTEND:g}x the trials)\n\n{text}")
