@@ -8,13 +8,14 @@ clock counts the compute.
     python bench/simulate.py --synthetic 80 --seeds 5   # a dry run on a made-up table (no recording needed)
 
 For each setting (trials x workers, default the shipped spaces' 12x2 and 32x4) and method, `--seeds`
-searches are simulated, each run on to `--extend` times its trial budget so that a slow method still
-shows when it gets within 1 point. Reported over seeds as an interquartile mean with a bootstrap 95%
-interval (rliable's aggregate): the regret of the chosen config (its predicted val/ accuracy below the
-best in the space, in points) once the budget's trials have ended, the compute that took, and the
-compute until the choice first came within 1 point. Then the rungs: a single ScheduleASHA rung at each
-share tried, with random proposals (identical with and without the rung), how often it cuts the trial
-FIFO would have chosen, what that costs in regret and what it saves. Figures go to --out.
+searches are simulated, each run on to `--extend` times the compute of its trial budget (that many random
+trials run to their end, on average) so that a slow method still shows when it gets within 1 point, and every
+method gets the same compute: one that spends less per trial runs more trials. Reported over seeds as an
+interquartile mean with a bootstrap 95% interval (rliable's aggregate): the regret of the chosen config (its
+predicted val/ accuracy below the best in the space, in points) once the budget's trials have ended, the
+compute that took, and the compute until the choice first came within 1 point. Then the rungs: a single
+ScheduleASHA rung at each share tried, with random proposals (identical with and without the rung), how
+often it cuts the trial FIFO would have chosen, what that costs in regret and what it saves. Figures go to --out.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from tune_sota.config import load_space  # noqa: E402
 DEFAULT_METHODS = "random,tune_sota,tpe,random+asha,tpe+ray-asha,ray-optuna+asha"
 TARGET = 0.01  # "within 1 point"
 GRID = 60  # points of the anytime curves
-EXTEND = 8.0  # searches run on to this many times their trials (compute to within 1 point)
+EXTEND = 8.0  # searches run on to this many times their budget's compute (compute to within 1 point)
 SWEEP_EXTEND = 3.0  # enough for every method to reach random's compute at the budget
+MORE_TRIALS = 3  # a search run on by compute may start up to this many times its compute's worth of trials
 MODEL: sim.Surrogate | None = None  # set in the parent before the pool forks: every worker shares it
 
 
@@ -49,8 +51,8 @@ CONFIRMS = [(0, 0), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 2), (3, 3)]  # (
 
 def _job(args: tuple) -> dict:
     """One simulated search (in a worker)."""
-    kind, setting, name, method, seed, trials, workers, budget = args
-    run = sim.simulate(MODEL, method, seed=seed, workers=workers, trials=trials)
+    kind, setting, name, method, seed, trials, workers, budget, compute = args
+    run = sim.simulate(MODEL, method, seed=seed, workers=workers, trials=trials, compute=compute)
     out = {"kind": kind, "setting": setting, "method": name, "seed": seed, "regret": run.regret_of(budget),
            "compute": run.compute_of(budget),
            "stopped": sum(t["stopped"] for t in run.first(budget)) / budget, "events": run.events}
@@ -230,8 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=DEFAULT_METHODS,
                     help=f"of {', '.join(sim.METHODS)} (default {DEFAULT_METHODS}; gp+asha is slow)")
     ap.add_argument("--extend", type=float, default=EXTEND,
-                    help=f"the first setting's searches run on to this many times their trials, for the compute "
-                         f"to within 1 point (default {EXTEND:g}); the others to at most {SWEEP_EXTEND:g}x")
+                    help=f"the first setting's searches run on to this many times the compute of their trials "
+                         f"(that many random trials' mean trial-seconds), for the compute to within 1 point "
+                         f"(default {EXTEND:g}); the others to at most {SWEEP_EXTEND:g}x")
     ap.add_argument("--rungs", default="0.25,0.33,0.5,0.75", help="rung shares to analyse ('' for none)")
     ap.add_argument("--sweep", action="store_true",
                     help="also replay the candidates for the defaults (grace, rf, rung placement, start-up trials, "
@@ -278,24 +281,31 @@ def main(argv=None) -> int:
              f"{noise['val']:.4f}; val/ = the curve's end + {MODEL.offset:+.4f}; best predicted val/ accuracy in "
              f"the space {MODEL.best:.4f}",
              f"- {args.seeds} searcher seeds from {args.first_seed} per method and setting; each search runs on to "
-             f"{args.extend:g}x its trials; compute is simulated trial-seconds (the table's CPU seconds per epoch); "
+             f"{args.extend:g}x the compute of its trials (one trial: {MODEL.trial_seconds:,.0f} trial-seconds, the "
+             f"mean of a random proposal run to its end); compute is simulated trial-seconds (the table's CPU "
+             f"seconds per epoch); "
              f"regret is in points of val/ accuracy below the best in the space"]
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    # the ratio's setting (the first) runs on to --extend x its trials; the others only as far as equal
+    # the ratio's setting (the first) runs on to --extend x its compute; the others only as far as equal
     # compute needs (a 32-trial TPE search run on to 8x takes seconds per proposal late on)
-    jobs = [("method", f"{n}x{w}", name, sim.METHODS[name], s,
-             int(round(n * (args.extend if i == 0 else min(args.extend, SWEEP_EXTEND)))), w, n)
+    def job(kind: str, setting: str, name: str, method: sim.Method, seed: int, n: int, w: int,
+            times: float | None = None) -> tuple:
+        """A search of n trials on w workers; with `times`, run on to that many times n trials' compute."""
+        if times is None:
+            return kind, setting, name, method, seed, n, w, n, math.inf
+        return (kind, setting, name, method, seed, int(math.ceil(n * times * MORE_TRIALS)), w, n,
+                n * times * MODEL.trial_seconds)
+
+    jobs = [job("method", f"{n}x{w}", name, sim.METHODS[name], s, n, w,
+                args.extend if i == 0 else min(args.extend, SWEEP_EXTEND))
             for i, (n, w) in enumerate(settings) for name in methods for s in seeds]
     shares = [float(v) for v in args.rungs.split(",") if v.strip()]
     n0, w0 = settings[0]
     if shares:
-        jobs += [("rung", f"{n0}x{w0}", "fifo", sim.Method("random", "fifo"), s, n0, w0, n0) for s in seeds]
-        jobs += [("rung", f"{n0}x{w0}", f"rung {sh:.2f}", sim.Method("random", "rungs", shares=(sh,),
-                                                                    final_size=False), s, n0, w0, n0)
-                 for sh in shares for s in seeds]
-        jobs += [("rung", f"{n0}x{w0}", f"rung {sh:.2f} final", sim.Method("random", "rungs", shares=(sh,),
-                                                                          final_size=True), s, n0, w0, n0)
-                 for sh in shares for s in seeds]
+        jobs += [job("rung", f"{n0}x{w0}", "fifo", sim.Method("random", "fifo"), s, n0, w0) for s in seeds]
+        jobs += [job("rung", f"{n0}x{w0}", f"rung {sh:.2f}{' final' * final}",
+                     sim.Method("random", "rungs", shares=(sh,), final_size=final), s, n0, w0)
+                 for final in (False, True) for sh in shares for s in seeds]
     real = pd.read_csv(args.validation, dtype={"resize": str}) if Path(args.validation).is_file() \
         and not args.synthetic else pd.DataFrame()
     groups = []  # real searches of one budget and one set of decision settings each
@@ -307,13 +317,13 @@ def main(argv=None) -> int:
                             startup=int(g.startup_trials), final_size=bool(g.final_size))
         tag = f"{g.searches} {method.label()}"
         groups.append((tag, g.searches, method, group))
-        jobs += [("valid", tag, "tune_sota", method, s, n, w, n) for s in seeds]
+        jobs += [job("valid", tag, "tune_sota", method, s, n, w) for s in seeds]
     if args.sweep:
-        jobs += [("sweep", f"{n}x{w}", name, m, s, int(round(n * SWEEP_EXTEND)), w, n)
+        jobs += [job("sweep", f"{n}x{w}", name, m, s, n, w, SWEEP_EXTEND)
                  for n, w in settings for name, m in {"random": sim.METHODS["random"], **SWEEP}.items() for s in seeds]
         # Optuna's GPSampler takes seconds per proposal (without greenlet, its L-BFGS-B runs one start at a
         # time): it is replayed at the first setting only, on to a little past random's compute there
-        jobs += [("sweep", f"{n0}x{w0}", GP, sim.METHODS["gp+asha"], s, int(round(n0 * 1.5)), w0, n0) for s in seeds]
+        jobs += [job("sweep", f"{n0}x{w0}", GP, sim.METHODS["gp+asha"], s, n0, w0, 1.5) for s in seeds]
     ctx = multiprocessing.get_context("fork")  # the workers share the fitted surrogate
     with ctx.Pool(args.processes) as pool:
         res = pd.DataFrame(pool.map(_job, jobs, chunksize=4))
@@ -347,7 +357,7 @@ def main(argv=None) -> int:
             text, *_ = method_table(r, names, n, label=lambda m: (SWEEP.get(m) or sim.METHODS[m if m != GP
                                                                                          else "gp+asha"]).label())
             body.append(f"**Defaults, {n} trials, {w} workers** (one knob moved at a time from the shipped method; "
-                        f"runs on to {SWEEP_EXTEND:g}x the trials)\n\n{text}")
+                        f"runs on to {SWEEP_EXTEND:g}x the trials' compute)\n\n{text}")
     if shares:
         rr = res[res.kind == "rung"]
         body.append(f"**Rungs** ({n0} trials, {w0} workers, random proposals; one ScheduleASHA rung, rf 2; "
@@ -366,9 +376,9 @@ def main(argv=None) -> int:
         body.append(f"- the ratio below: IQM over seeds of the trial-seconds until the choice came within 1 point, "
                     f"tune_sota's over random's, at {n} trials and {w} workers (bootstrap 95% interval); a seed "
                     f"that had not come within 1 point by {ratio_cap:,.0f} trial-seconds (the least any search of "
-                    f"the setting ran to, on to {args.extend:g}x its trials) counts as that: {censored['tune_sota']} "
-                    f"such seed(s) of tune_sota, {censored['random']} of random; where most seeds are censored the "
-                    f"ratio says little")
+                    f"the setting ran to, on to {args.extend:g}x its trials' compute) counts as that: "
+                    f"{censored['tune_sota']} such seed(s) of tune_sota, {censored['random']} of random; where "
+                    f"most seeds are censored the ratio says little")
         (p2, l2, h2), cens2 = ratio2
         body.append(f"- within 2 points, the same way: tune_sota {_num(p2, '.2f')} [{_num(l2, '.2f')}, "
                     f"{_num(h2, '.2f')}] of random's ({cens2['tune_sota']} and {cens2['random']} seeds never "

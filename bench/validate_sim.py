@@ -5,14 +5,16 @@ distribution it simulates for the same settings (the section "Validation against
 
     python bench/validate_sim.py --searches 3            # seeds 101, 102, 103 (skips those already recorded)
     python bench/validate_sim.py --searches 3 --trials 12 --workers 2
+    python bench/validate_sim.py --searches 2 --first-seed 301 --startup-trials 8   # a candidate default
 
 Each search is `tune_sota.search.run` of `bench/curves/space.yaml` with the scheduler and searcher put
 back to the product's defaults (`search.scheduler` asha, `search.searcher` tpe, grace, reduction factor
-and start-up trials as `SearchSettings` ships them), `--trials` trials `--workers` at once, and no
-confirmation (the simulator scores the choice, the best completed trial on the holdout, and so does
-this). The rows go to `bench/curves/validation.csv`, one per search: the seed, the choice's values and
-holdout accuracy, its val/ accuracy plainly and with TTA, the trial-seconds (CPU) the search spent, and
-how many trials ASHA stopped. An interrupted search is resumed by running the same command again.
+and start-up trials as `SearchSettings` ships them, or `--startup-trials` for a candidate), `--trials`
+trials `--workers` at once, and no confirmation (the simulator scores the choice, the best completed
+trial on the holdout, and so does this). The rows go to `bench/curves/validation.csv`, one per search: the
+seed, the choice's values and holdout accuracy, its val/ accuracy plainly and with TTA, the trial-seconds
+(CPU) the search spent, and how many trials ASHA stopped. An interrupted search is resumed by running the
+same command again.
 """
 
 from __future__ import annotations
@@ -38,22 +40,25 @@ FIRST_SEED = 101  # apart from the recorder's chunk seeds (1, 2, ...)
 log = logging.getLogger("validate_sim")
 
 
-def real_space(seed: int, trials: int, workers: int):
-    """The curves' space under the product's shipped decision settings."""
+def real_space(seed: int, trials: int, workers: int, startup: int | None = None):
+    """The curves' space under the product's shipped decision settings (`startup`: other start-up trials)."""
     d = SearchSettings()
+    startup = d.startup_trials if startup is None else startup
     return load_space(str(SPACE), [f"search.scheduler={d.scheduler}", f"search.searcher={d.searcher}",
                                    f"search.grace={d.grace}", f"search.reduction_factor={d.reduction_factor}",
-                                   f"search.startup_trials={d.startup_trials}", f"search.seed={seed}",
+                                   f"search.startup_trials={startup}", f"search.seed={seed}",
                                    f"search.final_size_rungs={str(d.final_size_rungs).lower()}",
                                    f"search.num_samples={trials}", f"search.max_concurrent={workers}",
                                    "search.confirm_top=0", f"search.keep_checkpoints={d.keep_checkpoints}"])
 
 
-def one_search(seed: int, trials: int, workers: int, work: Path) -> dict:
+def one_search(seed: int, trials: int, workers: int, work: Path, startup: int | None = None) -> dict:
     """Run (or resume, or just read) one real search and score its choice on val/."""
+    space = real_space(seed, trials, workers, startup)
     name = f"validate-{trials}x{workers}-seed{seed}"
+    if space.search.startup_trials != SearchSettings().startup_trials:
+        name += f"-startup{space.search.startup_trials}"
     rdir = work / name
-    space = real_space(seed, trials, workers)
     state = runstate.status(rdir)
     if state != runstate.FINISHED:
         search.run(space, name=name, results_root=work, resume=state is not None, command=command())
@@ -84,6 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--first-seed", type=int, default=FIRST_SEED, help=f"(default {FIRST_SEED})")
     ap.add_argument("--trials", type=int, default=12, help="trials per search (default 12, as imagenette-cpu)")
     ap.add_argument("--workers", type=int, default=2, help="trials at once (default 2)")
+    ap.add_argument("--startup-trials", type=int, default=None,
+                    help=f"Optuna's random start-up trials, a candidate default (default: the shipped "
+                         f"{SearchSettings().startup_trials})")
     ap.add_argument("--work", default="results/validate", help="where the searches live (default results/validate)")
     ap.add_argument("--out", default=str(OUT), help=f"the table (default {OUT.relative_to(BENCH.parent)})")
     args = ap.parse_args(argv)
@@ -94,10 +102,14 @@ def main(argv=None) -> int:
     try:
         for seed in range(args.first_seed, args.first_seed + args.searches):
             key = f"{args.trials}x{args.workers}"
-            if len(table) and ((table.searches == key) & (table.seed == seed)).any():
-                log.info("seed %d at %s: recorded already", seed, key)
+            d = SearchSettings()
+            startup = d.startup_trials if args.startup_trials is None else args.startup_trials
+            if len(table) and ((table.searches == key) & (table.seed == seed) & (table.grace == d.grace)
+                               & (table.final_size == d.final_size_rungs)
+                               & (table.startup_trials == startup)).any():
+                log.info("seed %d at %s with %d start-up trials: recorded already", seed, key, startup)
                 continue
-            row = one_search(seed, args.trials, args.workers, work)
+            row = one_search(seed, args.trials, args.workers, work, startup)
             log.info("seed %d: chose %s, holdout %.4f, val/ %.4f (TTA %.4f)", seed, row["trial_id"],
                      row["holdout_accuracy"], row["val_accuracy"], row["val_tta"])
             table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)

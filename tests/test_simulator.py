@@ -103,3 +103,15 @@ def test_rungs_at_the_final_size_reach_the_simulation():
         cut[final] = sum(t["stopped"] and t["epochs_run"] <= t["epochs"] // 2 for t in prog)
         assert method.label().startswith("asha rungs 50% rf 2" + (" final size" if final else ""))
     assert cut[True] == 0 < cut[False]
+
+
+def test_searches_run_on_by_compute_get_equal_compute_and_cheap_trials_buy_more_of_them(model):
+    budget = 20 * model.trial_seconds
+    runs = {name: sim.simulate(model, sim.METHODS[name], seed=2, workers=2, trials=100, compute=budget)
+            for name in ("random", "random+asha")}
+    for name, run in runs.items():
+        before_last_start = [t for t in run.trials if t["n"] < len(run.trials) - 2]
+        assert sum(t["seconds"] for t in before_last_start) < budget, name  # no trial starts past the budget
+        assert budget <= run.events[-1, 0] < budget + 3 * max(t["seconds"] for t in run.trials), name
+    assert any(t["stopped"] for t in runs["random+asha"].trials)
+    assert len(runs["random+asha"].trials) > len(runs["random"].trials)  # its stops paid for more trials

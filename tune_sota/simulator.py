@@ -224,6 +224,11 @@ class Surrogate:
         values = self.values(self.candidates)
         self.ranked = [self.candidates[i] for i in np.argsort(-values, kind="stable")]
         self.best = float(values.max())
+        # the mean trial-seconds of one random proposal run to its end: the unit of searches compared at equal
+        # compute (a random FIFO search of n trials spends about n of them)
+        sampled = self.candidates[len(self.configs):] or self.configs
+        rows = np.array([r for c in sampled for r in self.enc.epoch_rows(c)])
+        self.trial_seconds = float(np.maximum(self.seconds_model.predict(rows), 1e-3).sum() / len(sampled))
 
     def values(self, configs: list[dict]) -> np.ndarray:
         """Noise-free val/ accuracy of each config: its curve's last point plus the val/ offset."""
@@ -506,9 +511,13 @@ class Run:
         return out
 
 
-def simulate(model: Surrogate, method: Method, *, seed: int, workers: int, trials: int) -> Run:
+def simulate(model: Surrogate, method: Method, *, seed: int, workers: int, trials: int,
+             compute: float = math.inf) -> Run:
     """Replay one search of `trials` trials on `workers` workers: an event queue in simulated time, each
-    epoch costing its modelled seconds, the method's own scheduler and searcher deciding."""
+    epoch costing its modelled seconds, the method's own scheduler and searcher deciding. With `compute`, no
+    trial starts once the trials that ended or ran have spent that many trial-seconds (the trials running
+    then finish): searches compared at equal compute rather than equal trials, so a method that spends less
+    per trial runs more of them."""
     space = model.space
     max_epochs = max(model.enc.epochs(c) for c in model.candidates) if model.candidates else 1
     searcher = make_searcher(method, space, SEARCHER_SEEDS + seed, model)
@@ -521,7 +530,7 @@ def simulate(model: Surrogate, method: Method, *, seed: int, workers: int, trial
     state = {"started": 0, "compute": 0.0, "best_obs": -math.inf, "choice": math.nan, "ended": 0}
 
     def start(now: float) -> None:
-        if state["started"] >= trials:
+        if state["started"] >= trials or state["compute"] >= compute:
             return
         trial_id = f"t{state['started']:05d}"
         params = searcher.suggest(trial_id)
