@@ -7,15 +7,17 @@ clock counts the compute.
     python bench/simulate.py --seeds 50 --record        # ...and append them to bench/RESULTS.md
     python bench/simulate.py --synthetic 80 --seeds 5   # a dry run on a made-up table (no recording needed)
 
-For each setting (trials x workers, default the shipped spaces' 12x2 and 32x4) and method, `--seeds`
-searches are simulated, each run on to `--extend` times the compute of its trial budget (that many random
-trials run to their end, on average) so that a slow method still shows when it gets within 1 point, and every
-method gets the same compute: one that spends less per trial runs more trials. Reported over seeds as an
-interquartile mean with a bootstrap 95% interval (rliable's aggregate): the regret of the chosen config (its
-predicted val/ accuracy below the best in the space, in points) once the budget's trials have ended, the
-compute that took, and the compute until the choice first came within 1 point. Then the rungs: a single
-ScheduleASHA rung at each share tried, with random proposals (identical with and without the rung), how
-often it cuts the trial FIFO would have chosen, what that costs in regret and what it saves. Figures go to --out.
+For each setting (trials x workers, default the shipped spaces' 12x2 and 32x4) and method, `--seeds` searches
+are simulated, the first setting's run on to `--extend` times the compute of its trial budget (that many
+random trials run to their end, on average; the others' to 3x) so that a slow method still shows when it gets
+within 1 point, and every method gets the same compute: one that spends less per trial runs more trials.
+Reported over seeds as an interquartile mean with a bootstrap 95% interval (rliable's aggregate): the regret
+of the chosen config (its predicted val/ accuracy below the best in the space, in points) once the budget's
+trials have ended, the compute that took, and the compute until the choice first came within 1 point; and, seed by seed, each method's regret minus random search's (each
+--sweep candidate's minus the shipped method's), which is what decides between two. Then the
+rungs: a single ScheduleASHA rung at each share tried, with random proposals (identical with and without the
+rung), how often it cuts the trial FIFO would have chosen, what that costs in regret and what it saves.
+Figures go to --out.
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ from tune_sota.config import load_space  # noqa: E402
 DEFAULT_METHODS = "random,tune_sota,tpe,random+asha,tpe+ray-asha,ray-optuna+asha"
 TARGET = 0.01  # "within 1 point"
 GRID = 60  # points of the anytime curves
-EXTEND = 8.0  # searches run on to this many times their budget's compute (compute to within 1 point)
+# the ratio's setting runs on to this many times its budget's compute (compute to within 1 point): one config
+# in a thousand is within 1 point, so random search rarely gets there; at 8x 19 of 20 random seeds never did,
+# at 20x 17 of 20 (the 150-trial table), and 20x costs about half a minute per method at --seeds 20
+EXTEND = 20.0
 SWEEP_EXTEND = 3.0  # enough for every method to reach random's compute at the budget
 MORE_TRIALS = 3  # a search run on by compute may start up to this many times its compute's worth of trials
 MODEL: sim.Surrogate | None = None  # set in the parent before the pool forks: every worker shares it
@@ -71,11 +76,14 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
 
 
-def method_table(res: pd.DataFrame, methods: list[str], budget: int, label=None) -> tuple[str, dict]:
+def method_table(res: pd.DataFrame, methods: list[str], budget: int, label=None, ref: str | None = None
+                 ) -> tuple[str, dict, float, dict]:
     """The markdown table of one setting, and each method's compute-to-target values. 'At equal compute':
     each method's regret once it has spent what random search spends on `budget` trials (median over
-    seeds), which is fair to a method that stops trials and could run more of them."""
-    rows, to_target, never = [], {}, {}
+    seeds), which is fair to a method that stops trials and could run more of them. With `ref`, a column of
+    each method's regret minus ref's, seed by seed (sim.paired_interval), at the budget and at equal
+    compute: what decides between two settings."""
+    rows, to_target, never, paired = [], {}, {}, {}
     base = res[res.method == "random"].compute.median() if "random" in set(res.method) else math.nan
     # Compute to within 1 point is censored at one cap for every method: the least compute any search of this
     # setting ran to. (Capping each search at what it spent itself favoured methods that spend less per
@@ -83,9 +91,10 @@ def method_table(res: pd.DataFrame, methods: list[str], budget: int, label=None)
     cap = min(float(x.events[-1, 0]) for x in res.itertuples())
     for name in methods:
         r = res[res.method == name]
-        reg = sim.iqm_interval(100 * r.regret.to_numpy())
-        eq = sim.iqm_interval(np.array([100 * sim.Run(x.events).regret_at(np.array([base]))[0]
-                                        for x in r.itertuples()]))
+        r = r.sort_values("seed")
+        at_eq = np.array([100 * sim.Run(x.events).regret_at(np.array([base]))[0] for x in r.itertuples()])
+        reg, eq = sim.iqm_interval(100 * r.regret.to_numpy()), sim.iqm_interval(at_eq)
+        paired[name] = (r.seed.to_numpy(), 100 * r.regret.to_numpy(), at_eq)
         reached = np.array([sim.Run(x.events).compute_to(TARGET) for x in r.itertuples()])
         to_target[name] = np.minimum(reached, cap)
         tt = sim.iqm_interval(to_target[name])
@@ -94,11 +103,19 @@ def method_table(res: pd.DataFrame, methods: list[str], budget: int, label=None)
         rows.append([name, label(name) if label else sim.METHODS[name].label(), _pts(reg), _pts(eq), f"{within:.0%}",
                      f"{r.compute.median():,.0f}" + (f" ({r.compute.median() / base:.2f})" if base == base else ""),
                      f"{r.stopped.mean():.0%}", _fmt_interval(tt), f"{censored}/{len(r)}"])
-    return table(["method", "scheduler / searcher", f"regret at {budget} trials, points (IQM [95%])",
-                  "regret at random's compute (IQM [95%])", "seeds within 1 point",
-                  "trial-s spent (median; of random's)", "trials stopped",
-                  f"trial-s to within 1 point, capped at {cap:,.0f} (IQM [95%])",
-                  "seeds not within 1 point by the cap"], rows), to_target, cap, never
+    head = ["method", "scheduler / searcher", f"regret at {budget} trials, points (IQM [95%])",
+            "regret at random's compute (IQM [95%])", "seeds within 1 point", "trial-s spent (median; of random's)",
+            "trials stopped", f"trial-s to within 1 point, capped at {cap:,.0f} (IQM [95%])",
+            "seeds not within 1 point by the cap"]
+    if ref in paired:
+        seeds, at_budget, at_eq = paired[ref]
+        head.insert(4, f"minus {ref}, same seeds: at {budget} trials / at random's compute (mean [95%])")
+        for row, name in zip(rows, methods):
+            same = np.array_equal(paired[name][0], seeds)
+            row.insert(4, "" if name == ref or not same else
+                       f"{_pts(sim.paired_interval(paired[name][1], at_budget))} / "
+                       f"{_pts(sim.paired_interval(paired[name][2], at_eq))}")
+    return table(head, rows), to_target, cap, never
 
 
 def _pts(v: tuple[float, float, float]) -> str:
@@ -280,8 +297,9 @@ def main(argv=None) -> int:
              f"schedule {'/'.join(f'{x:.4f}' for x in noise.get('epoch_thirds', [noise['epoch']] * 3))}, val/ "
              f"{noise['val']:.4f}; val/ = the curve's end + {MODEL.offset:+.4f}; best predicted val/ accuracy in "
              f"the space {MODEL.best:.4f}",
-             f"- {args.seeds} searcher seeds from {args.first_seed} per method and setting; each search runs on to "
-             f"{args.extend:g}x the compute of its trials (one trial: {MODEL.trial_seconds:,.0f} trial-seconds, the "
+             f"- {args.seeds} searcher seeds from {args.first_seed} per method and setting; the first setting's "
+             f"searches run on to {args.extend:g}x the compute of their trials, the others' to "
+             f"{min(args.extend, SWEEP_EXTEND):g}x (one trial: {MODEL.trial_seconds:,.0f} trial-seconds, the "
              f"mean of a random proposal run to its end); compute is simulated trial-seconds (the table's CPU "
              f"seconds per epoch); "
              f"regret is in points of val/ accuracy below the best in the space"]
@@ -332,7 +350,7 @@ def main(argv=None) -> int:
     body, ratio = ["\n".join(lines)], None
     for n, w in settings:
         r = res[(res.kind == "method") & (res.setting == f"{n}x{w}")]
-        text, to_target, cap, never = method_table(r, methods, n)
+        text, to_target, cap, never = method_table(r, methods, n, ref="random")
         fig = out / f"anytime_{n}x{w}.png"
         anytime_figure(r, methods, f"{n} trials, {w} workers: IQM regret over {args.seeds} seeds, 95% bands", fig)
         shown = fig.relative_to(BENCH.parent) if fig.is_relative_to(BENCH.parent) else fig
@@ -355,7 +373,8 @@ def main(argv=None) -> int:
             r = res[(res.kind == "sweep") & (res.setting == f"{n}x{w}")]
             names = ["random", *SWEEP, *([GP] if (n, w) == (n0, w0) else [])]
             text, *_ = method_table(r, names, n, label=lambda m: (SWEEP.get(m) or sim.METHODS[m if m != GP
-                                                                                         else "gp+asha"]).label())
+                                                                                         else "gp+asha"]).label(),
+                                    ref="shipped")
             body.append(f"**Defaults, {n} trials, {w} workers** (one knob moved at a time from the shipped method; "
                         f"runs on to {SWEEP_EXTEND:g}x the trials' compute)\n\n{text}")
     if shares:

@@ -67,6 +67,12 @@ def test_iqm_and_its_intervals():
     r, lo, hi = sim.ratio_interval([1.0] * 8, [2.0] * 8)
     assert (r, lo, hi) == (0.5, 0.5, 0.5)
     assert sim.ratio_interval([1.0] * 8, [math.inf] * 8)[0] == 0.0
+    # paired by seed: a constant shift under large seed-to-seed spread is resolved exactly, and the interval
+    # of a noisy difference covers its mean
+    spread = np.random.default_rng(0).normal(0, 5, 40)
+    assert sim.paired_interval(spread + 1.0, spread) == pytest.approx((1.0, 1.0, 1.0))
+    d, lo, hi = sim.paired_interval(spread, np.zeros(40))
+    assert lo < d < hi and lo < 0 < hi
 
 
 def test_confirmation_replay_buys_the_right_pick_and_costs_what_it_runs(model):
