@@ -13,11 +13,11 @@ random trials run to their end, on average; the others' to 3x) so that a slow me
 within 1 point, and every method gets the same compute: one that spends less per trial runs more trials.
 Reported over seeds as an interquartile mean with a bootstrap 95% interval (rliable's aggregate): the regret
 of the chosen config (its predicted val/ accuracy below the best in the space, in points) once the budget's
-trials have ended, the compute that took, and the compute until the choice first came within 1 point; and, seed by seed, each method's regret minus random search's (each
---sweep candidate's minus the shipped method's), which is what decides between two. Then the
-rungs: a single ScheduleASHA rung at each share tried, with random proposals (identical with and without the
-rung), how often it cuts the trial FIFO would have chosen, what that costs in regret and what it saves.
-Figures go to --out.
+trials have ended, the compute that took, and the compute until the choice first came within 1 point; and,
+seed by seed, each method's regret minus random search's (each --sweep candidate's minus the shipped
+method's), which is what decides between two. Then the rungs: a single ScheduleASHA rung at each share tried,
+with random proposals (identical with and without the rung), how often it cuts the trial FIFO would have
+chosen, what that costs in regret and what it saves. Figures go to --out.
 """
 
 from __future__ import annotations
