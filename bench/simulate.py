@@ -90,8 +90,7 @@ def method_table(res: pd.DataFrame, methods: list[str], budget: int, label=None,
     # trial: a seed that never got there counted with a smaller total.)
     cap = min(float(x.events[-1, 0]) for x in res.itertuples())
     for name in methods:
-        r = res[res.method == name]
-        r = r.sort_values("seed")
+        r = res[res.method == name].sort_values("seed")  # seed by seed beside `ref`
         at_eq = np.array([100 * sim.Run(x.events).regret_at(np.array([base]))[0] for x in r.itertuples()])
         reg, eq = sim.iqm_interval(100 * r.regret.to_numpy()), sim.iqm_interval(at_eq)
         paired[name] = (r.seed.to_numpy(), 100 * r.regret.to_numpy(), at_eq)
