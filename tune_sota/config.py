@@ -11,15 +11,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tune_sota import sources
+from tune_sota.base import UserError, write_atomic  # noqa: F401  (re-exported: most modules import them from here)
 from tune_sota.schedule import parse_schedule
 
 
@@ -31,10 +31,6 @@ def _spaces_dir() -> Path:
 
 
 SPACES_DIR = _spaces_dir()
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for: the CLI prints its one-line message and exits 2."""
 
 
 class ConfigError(UserError):
@@ -77,8 +73,6 @@ def _schedule(v):
 def _data(v):
     if not v.strip():
         return "'digits', an Imagenette name, a folder of images, or {csv: labels.csv, folder: images}"
-    from tune_sota import sources  # sources imports this module
-
     try:
         sources.parse_data(v)
     except UserError as e:
@@ -468,8 +462,6 @@ def _data_mapping(raw: dict, where: str) -> dict:
     d = raw.get("data")
     if not isinstance(d, dict) or set(d) & set(DIST_KINDS):
         return raw
-    from tune_sota import sources  # sources imports this module
-
     try:
         return {**raw, "data": sources.data_value(d)}
     except UserError as e:
@@ -526,8 +518,6 @@ def load_space(name_or_path: str, overrides=()) -> Space:
 
 def _resolve_data(raw: dict, base: Path) -> dict:
     """`raw` with relative `data:` folders (fixed or choices) made absolute against `base`."""
-    from tune_sota import sources  # sources imports this module
-
     def resolve(v):
         if isinstance(v, dict) or (isinstance(v, str) and v.lstrip().startswith("{")):  # a data mapping
             try:
@@ -595,20 +585,6 @@ def space_to_yaml(values: dict[str, Any], search: SearchSettings | None = None,
         out["baseline"] = dict(baseline)
     out.update(extra)
     return yaml.safe_dump(out, sort_keys=False)
-
-
-def write_atomic(path: Path, text: str):
-    """Write a file so that readers see the old content or the new, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plain(x, nan=math.nan):

@@ -36,7 +36,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from tune_sota.config import UserError, write_atomic
+from tune_sota.base import UserError, write_atomic
 
 # Each name `data:` accepts besides a folder and 'digits', with the name of fastai's `URLs` constant.
 DOWNLOADS = {
