@@ -39,13 +39,12 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH, command, machine  # noqa: E402
+from common import BENCH, ROOT, command, machine  # noqa: E402
 
 from tune_sota import results, runstate, search  # noqa: E402
 from tune_sota.config import Config, UserError, load_space, parse_space, write_atomic  # noqa: E402
 
 SPACE = BENCH / "curves" / "space.yaml"
-OUT = BENCH / "curves"
 CHUNKS = "chunks.json"  # the manifest's copy beside the table: a later session's work folder starts from it
 REPLICATE_SEED = 1000  # a replicate trains with its original's seed + this
 # One row per trial per epoch; the per-trial values (config, status, val/ scores) repeat on each row,
@@ -56,9 +55,15 @@ TRIAL_COLUMNS = ["chunk", "trial_id", "replicate_of", "seed", "status", "epochs"
 log = logging.getLogger("record_curves")
 
 
-def chunk_space(raw_overrides: list[str], seed: int, trials: int):
+def _space_of(manifest: dict) -> Path:
+    """The space file a work folder records: stored relative to the repository, so that the committed
+    chunks.json means the same file in any checkout (older manifests recorded bench/curves/space.yaml)."""
+    return (ROOT / manifest.get("space", SPACE.relative_to(ROOT))).resolve()
+
+
+def chunk_space(space_file: Path, raw_overrides: list[str], seed: int, trials: int):
     """The chunk's space: the recorder's space file, `--set` overrides, the chunk's seed and trial count."""
-    space = load_space(str(SPACE), [*raw_overrides, f"search.seed={seed}", f"search.num_samples={trials}"])
+    space = load_space(str(space_file), [*raw_overrides, f"search.seed={seed}", f"search.num_samples={trials}"])
     s = space.search
     if s.scheduler != "fifo" or s.searcher != "random" or s.keep_checkpoints != "all":
         raise UserError("the recorder needs search.scheduler fifo, search.searcher random and "
@@ -136,7 +141,7 @@ def record_chunk(entry: dict, work: Path, manifest: dict, *, replicate: float, o
     if entry["state"] == "searching":
         state = runstate.status(cdir)  # None: the search never started (or wrote nothing we can resume)
         if state != runstate.FINISHED:
-            space = chunk_space(overrides, entry["seed"], entry["trials"])
+            space = chunk_space(_space_of(manifest), overrides, entry["seed"], entry["trials"])
             t0 = time.time()
             search.run(space, name=name, results_root=work, resume=state is not None, command=entry["command"])
             entry["search_wall_s"] = entry.get("search_wall_s", 0.0) + time.time() - t0
@@ -265,10 +270,18 @@ def main(argv=None) -> int:
     ap.add_argument("--replicate", type=float, default=0.2,
                     help="share of each chunk's completed trials trained again with another seed (default 0.2)")
     ap.add_argument("--work", default="results/curves", help="where the chunks' searches live (default results/curves)")
-    ap.add_argument("--out", default=str(OUT), help="where the table and its README go (default bench/curves)")
+    ap.add_argument("--space", default=str(SPACE),
+                    help="the space to record, its table written beside it (default bench/curves/space.yaml; "
+                         "bench/curves-quarter/space.yaml is the second task, issue 26)")
+    ap.add_argument("--out", help="where the table and its README go (default: the space file's folder)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a value of bench/curves/space.yaml, as `tune-sota search --set` does")
+                    help="override a value of the space file, as `tune-sota search --set` does")
     args = ap.parse_args(argv)
+    space_file = Path(args.space).resolve()
+    if not space_file.is_file():
+        print(f"record_curves: --space {args.space} is not a file; give a space.yaml such as {SPACE}", file=sys.stderr)
+        return 2
+    args.out = args.out or str(space_file.parent)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -279,7 +292,11 @@ def main(argv=None) -> int:
         manifest = json.loads((Path(args.out) / CHUNKS).read_text())
         _save_manifest(work, manifest)
     else:
-        manifest = {"chunks": [], "machine": machine()}
+        manifest = {"chunks": [], "machine": machine(), "space": str(space_file.relative_to(ROOT))}
+    if _space_of(manifest) != space_file:
+        print(f"record_curves: {work} records {_space_of(manifest)}, not {space_file}; give it its own "
+              f"--work folder", file=sys.stderr)
+        return 2
     open_chunks = [e for e in manifest["chunks"] if e["state"] != "recorded"]
     try:
         if open_chunks and not args.resume:
@@ -292,7 +309,8 @@ def main(argv=None) -> int:
             n = len(manifest["chunks"]) + 1
             entry = {"name": f"chunk-{n:03d}", "seed": n, "trials": args.trials, "state": "searching",
                      "command": command(), "started": _now(), "replicate": args.replicate, "set": args.set}
-            chunk_space(args.set, entry["seed"], entry["trials"])  # a bad --set fails before anything is written
+            # a bad --set fails before anything is written
+            chunk_space(space_file, args.set, entry["seed"], entry["trials"])
             manifest["chunks"].append(entry)
             _save_manifest(work, manifest)
         record_chunk(entry, work, manifest, replicate=entry.get("replicate", args.replicate),
@@ -303,7 +321,7 @@ def main(argv=None) -> int:
     except runstate.SearchInterrupted as stopped:  # Ctrl-C or SIGTERM: the product saved the search
         print(f"record_curves: {stopped.outcome.name} interrupted; finish it with: {command().split(' --')[0]} "
               f"--resume" + (f" --work {args.work}" if args.work != "results/curves" else "")
-              + (f" --out {args.out}" if args.out != str(OUT) else ""), file=sys.stderr)
+              + (f" --space {args.space}" if space_file != SPACE else ""), file=sys.stderr)
         return stopped.exit_code
     except KeyboardInterrupt:  # during the scoring or the replicates: what is done is in the work folder
         print("record_curves: interrupted; finish the chunk with --resume (same --work and --out)", file=sys.stderr)
