@@ -16,9 +16,10 @@ from PIL import Image
 
 from tests.conftest import cli, make_image_folder, tiny, write_space
 from tune_sota import recipe
-from tune_sota.cli import main
+from tune_sota.cli import main, search_description
 from tune_sota.config import SPACES_DIR, Config, SearchSettings, write_atomic
 from tune_sota.preflight import check_data
+from tune_sota.schedule import rung_shares
 from tune_sota.sources import load_rgb
 
 
@@ -173,6 +174,18 @@ def test_help_explains_every_command():
         run = cli(*argv)
         assert run.returncode == 0 and run.stdout.startswith("usage: tune-sota"), run.stderr
         assert all(w in run.stdout for w in words), (argv, run.stdout)
+        if argv[0] == "search":  # what ASHA and the confirmation do by default, as the defaults say
+            d = SearchSettings()
+            said = " ".join(run.stdout.split())
+            share = rung_shares(d.grace, d.reduction_factor)[-1]
+            assert f"at {share:.0%} of its own schedule" in said and "half-way" not in said, said
+            assert f"top 1/{d.reduction_factor}" in said and f"with {d.confirm_seeds} seeds each" in said, said
+
+
+def test_search_help_follows_the_settings_it_describes():
+    text = search_description(SearchSettings(grace=0.25, reduction_factor=2, confirm_top=3, final_size_rungs=False))
+    assert "at 25% and 50% of its own schedule, and stops" in text and "The best 3 configs" in text
+    assert "final size" not in text
 
 
 # --- data that is odd but usable -------------------------------------------------------------------

@@ -38,6 +38,24 @@ SET_HELP = ("override one setting, checked like the file (repeatable; VALUE is Y
             "search.num_samples=4, search.confirm_top=1, 'lr={loguniform: [1.0e-3, 1.0e-2]}'")
 
 
+def search_description(d: SearchSettings | None = None) -> str:
+    """`search --help`'s account of what a search does, built from the defaults (or `d`) so that it cannot go
+    stale when they change."""
+    from tune_sota.schedule import rung_shares
+
+    d = d or SearchSettings()
+    rungs = " and ".join(f"{s:.0%}" for s in rung_shares(d.grace, d.reduction_factor))
+    wait = ", a progressive-resizing trial once it trains at its final size" if d.final_size_rungs else ""
+    judged = f"a {d.holdout:.0%} holdout of train/" if d.select_on == "holdout" else "val/"
+    return (f"Run a search over a space file. {d.searcher.upper()} proposes trials ({d.startup_trials} at random "
+            f"first), judged on {judged}; by default ASHA judges each trial at {rungs} of its own schedule"
+            f"{wait}, and stops it there unless it is in the top 1/{d.reduction_factor} of the trials of its "
+            f"schedule shape so far. The best {d.confirm_top} configs are then retrained on all of train/ with "
+            f"{d.confirm_seeds} seeds each and scored on val/, plainly and with test-time augmentation, beside "
+            "the baseline (chapter 7's plain recipe) run the same way. A space's search: section changes any of "
+            "this. Writes results/NAME/: best.yaml, trials.csv, history.csv, confirm.csv, study.db, report.html.")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="tune-sota", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -52,12 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", parents=[loud], help="run a hyperparameter search, confirm its winner against "
                        "chapter 7's plain recipe, and export it",
-                       description="Run a search over a space file. Trials are judged on a holdout of train/ "
-                                   "(ASHA stops weak ones half-way through their own schedule); the best configs "
-                                   "are then retrained on all of train/ with several seeds and scored on val/, "
-                                   "plainly and with test-time augmentation, beside the baseline run the same way. "
-                                   "Writes results/NAME/: best.yaml, trials.csv, history.csv, confirm.csv, study.db, "
-                                   "report.html.")
+                       description=search_description())
     s.add_argument("--space", default="quick", metavar="NAME|PATH",
                    help="search space: a name in search_spaces/ or a .yaml path (default: quick, offline)")
     s.add_argument("--name", help="experiment name (default: the space's name; a taken name gets -2, -3...)")
