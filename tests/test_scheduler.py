@@ -204,3 +204,50 @@ def test_trials_checkpoint_where_a_waiting_rung_judges_them():
         if "t" in asha.records[0.5] and not judged:
             judged.append(e)
     assert judged == [5]
+
+
+def test_a_space_without_size_waits_for_the_default_final_size():
+    """A space that leaves `size` at Config's default has no size in its trials' configs: the final size is the
+    default, not the size being trained (which made every epoch count as final)."""
+    from tune_sota.config import Config
+
+    s = ScheduleASHA(shares=[0.5], reduction_factor=2, metric="accuracy", mode="max", final_size=True)
+    s.decide("p0", 2, 4, 0.9)
+    trial = _Trial("prog", {"resize": f"{Config.size // 2}>{Config.size}"})
+    low = {"accuracy": 0.1, "epoch": 2, "epochs": 4}
+    assert s.on_trial_result(None, trial, {**low, "size": Config.size // 2}) == "CONTINUE"
+    assert "prog" not in s.records[0.5], "judged below its final size"
+    assert s.on_trial_result(None, trial, {**low, "epoch": 3, "size": Config.size}) == "STOP"
+    assert s.judged_at["prog"] == 3
+
+
+@pytest.mark.slow
+def test_a_real_search_waits_for_the_final_size_and_judges_there(tmp_path, image_folder):
+    """Real trials of a space without `size` (so 128 px, Config's default) on `64>128`: ASHA's 50% rung falls on
+    epoch 2 of 4, at 64 px; each trial is judged at epoch 3, its first at 128 px, where it also checkpointed."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    from tests.conftest import cli, tiny, write_space
+
+    values = {k: v for k, v in tiny(image_folder, epochs=4).items() if k not in ("size", "presize")}
+    space = write_space(tmp_path / "nosize.yaml", {**values, "resize": "64>128", "lr": {"choice": [2e-3, 4e-3]}},
+                        {"num_samples": 2, "max_concurrent": 2, "cpus_per_trial": 1, "grace": 0.5,
+                         "final_size_rungs": True, "confirm_top": 0, "keep_checkpoints": "all",
+                         "checkpoint_every": 0})
+    assert "size" not in yaml.safe_load(space.read_text())
+    run = cli("search", "--space", space, "--results", tmp_path / "results")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    folder = tmp_path / "results" / "nosize"
+    rungs = json.loads((folder / "scheduler.json").read_text())
+    history = pd.read_csv(folder / "history.csv", dtype={"trial_id": str})
+    assert sorted(rungs["judged_at"]) == sorted(history.trial_id.unique()) and len(rungs["judged_at"]) == 2
+    for trial_id, epoch in rungs["judged_at"].items():
+        h = history[history.trial_id == trial_id].set_index("epoch")
+        assert epoch == 3 and h.loc[2, "size"] == 64 and h.loc[3, "size"] == 128, (trial_id, epoch, h)
+        assert rungs[repr(0.5)][trial_id] == pytest.approx(h.loc[3, "accuracy"])
+        saved = {json.loads((c / "metrics.json").read_text())["epoch"]
+                 for c in folder.glob(f"trial_{trial_id}*/checkpoint_*")}
+        assert saved == {3, 4}, f"checkpoints where the rung judged it and at the end, not at 2: {saved}"

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from tune_sota.config import write_atomic
+from tune_sota.config import Config, write_atomic
 from tune_sota.schedule import rung_shares
 
 
@@ -67,10 +67,11 @@ class ScheduleASHA(FIFOScheduler):
         self.final_size = final_size  # judge a trial at a rung only once it trains at its final size
         self.records: dict[float, dict[str, float]] = {s: {} for s in self.shares}
         self.groups: dict[str, str] = {}  # trial id -> its schedule shape, for those not of DEFAULT_GROUP
+        self.judged_at: dict[str, int] = {}  # trial id -> epoch of its latest rung (shows where a rung waited)
         self._load()
 
     def __setstate__(self, state):  # unpickled by Tuner.restore: take up the saved rung records
-        self.__dict__.update(state)
+        self.__dict__.update({"judged_at": {}, **state})  # a scheduler pickled before judged_at existed
         self._load()
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
@@ -83,10 +84,12 @@ class ScheduleASHA(FIFOScheduler):
             saved = json.loads(Path(self.state_file).read_text())
             self.records = {s: dict(saved.get(repr(s), {})) for s in self.shares}
             self.groups = dict(saved.get("groups", {}))  # absent in the files of searches before `sched`
+            self.judged_at = dict(saved.get("judged_at", {}))
 
     def _save(self) -> None:
         if self.state_file:
-            state = {**{repr(s): r for s, r in self.records.items()}, "groups": self.groups}
+            state = {**{repr(s): r for s, r in self.records.items()}, "groups": self.groups,
+                     "judged_at": self.judged_at}
             write_atomic(Path(self.state_file), json.dumps(state, indent=1))
 
     def group_of(self, trial_id: str) -> str:
@@ -117,6 +120,7 @@ class ScheduleASHA(FIFOScheduler):
             recorded[trial_id] = value
             if group != self.DEFAULT_GROUP:
                 self.groups[trial_id] = group
+            self.judged_at[trial_id] = epoch
             changed = True
         if changed:
             self._save()
@@ -129,8 +133,10 @@ class ScheduleASHA(FIFOScheduler):
             return TrialScheduler.CONTINUE
         config = getattr(trial, "config", None) or {}
         group = result.get("sched") or config.get("sched") or self.DEFAULT_GROUP
-        final = config.get("size") or result.get("size")  # a result without sizes counts as at its final size
-        at_final = not result.get("size") or int(result["size"]) >= int(final)
+        # A space that does not fix `size` trains at Config's default: the trial's config then has no size,
+        # and the size being trained must not stand in for the final one (every epoch would count as final).
+        final = config.get("size") or Config.size
+        at_final = not result.get("size") or int(result["size"]) >= int(final)  # no size reported: a final epoch
         return self.decide(trial.trial_id, int(result["epoch"]), int(result["epochs"]), float(result[self.key]),
                            group=str(group), at_final_size=at_final)
 
