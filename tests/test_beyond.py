@@ -3,9 +3,11 @@ shortcuts, ResNeXt) train, resume, validate and round-trip like chapter 7's. Rea
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
+import torch
 import yaml
 from fastai.optimizer import Lookahead
 
@@ -46,7 +48,59 @@ def test_ranger_flat_cos_resumes_from_a_checkpoint(image_folder):
                          checkpoint=states[2])
     assert [e for e, _ in resumed] == [3], "a resumed flat_cos fit (fastai's starts at epoch 0) runs what is left"
     assert resumed[0][1] == pytest.approx(lrs[3])
-    assert again.opt.count > 0  # Lookahead's step count came back with the state
+    # Lookahead's step count and slow weights come back as saved, not as a fresh optimizer's (0, None)
+    saved = torch.load(io.BytesIO(states[2]), weights_only=True)["opt"]
+    assert saved["count"] > 0 and saved["slow_weights"] is not None
+    fresh = recipe.build_learner(cfg, learn.dls)
+    fresh.create_opt()
+    assert (fresh.opt.count, fresh.opt.slow_weights) == (0, None)
+    recipe.load_state(fresh, states[2])
+    assert fresh.opt.count == saved["count"]
+    assert _flat(fresh.opt.slow_weights) and all(torch.equal(a, b) for a, b in zip(
+        _flat(fresh.opt.slow_weights), _flat(saved["slow_weights"]), strict=True))
+    # and the resumed fit ends where the uninterrupted one did: the count did not restart from zero
+    assert again.opt.count == learn.opt.count
+    assert all(torch.allclose(a, b) for a, b in zip(_flat(again.opt.slow_weights), _flat(learn.opt.slow_weights),
+                                                    strict=True))
+
+
+def _flat(groups) -> list:
+    return [t for group in groups for t in group]
+
+
+def _modules(model, kind) -> list:
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+@pytest.mark.parametrize("arch", ["xresnet18", "xse_resnext18"])
+def test_mish_self_attention_and_max_pool_shortcuts_reach_the_model(arch):
+    from fastai.layers import ResBlock, SimpleSelfAttention
+    from torch import nn
+
+    plain_model = recipe.make_model(Config(arch=arch, width=0.25), 10)
+    model = recipe.make_model(Config(arch=arch, width=0.25, act="mish", sa=True, pool="max"), 10)
+    assert _modules(model, nn.Mish) and not _modules(model, nn.ReLU)
+    assert _modules(plain_model, nn.ReLU) and not _modules(plain_model, nn.Mish)
+    assert _modules(model, SimpleSelfAttention) and not _modules(plain_model, SimpleSelfAttention)
+    # the shortcut of each downsampling block pools; the stem's max-pool is always there, so look past it
+    shortcut = [m for block in _modules(model, ResBlock) for m in block.idpath]
+    assert _modules(nn.Sequential(*shortcut), nn.MaxPool2d) and not _modules(nn.Sequential(*shortcut), nn.AvgPool2d)
+    plain_shortcut = nn.Sequential(*[m for block in _modules(plain_model, ResBlock) for m in block.idpath])
+    assert _modules(plain_shortcut, nn.AvgPool2d) and not _modules(plain_shortcut, nn.MaxPool2d)
+
+
+@pytest.mark.parametrize("opt", ["adam", "ranger", "rmsprop", "lamb", "sgd"])
+def test_mom_sqr_mom_and_eps_reach_the_optimizer(image_folder, opt):
+    # values no fastai optimizer defaults to, so that a dropped setting shows
+    cfg = Config(**tiny(image_folder, opt=opt, mom=0.91, sqr_mom=0.97, eps=3e-7))
+    learn = recipe.build_learner(cfg, recipe.make_dataloaders(cfg, workers=0, device=torch.device("cpu")))
+    learn.create_opt()
+    hypers = learn.opt.hypers[-1]
+    assert hypers["mom"] == pytest.approx(0.91)
+    if opt == "sgd":  # SGD has neither
+        assert "sqr_mom" not in hypers and "eps" not in hypers
+    else:
+        assert (hypers["sqr_mom"], hypers["eps"]) == (pytest.approx(0.97), pytest.approx(3e-7))
 
 
 def test_one_cycle_cycles_momentum_unless_mom_is_set(image_folder):

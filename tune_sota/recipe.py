@@ -140,7 +140,14 @@ def make_model(cfg: Config, n_out: int) -> nn.Module:
                            base_width=128 / groups, **kw)
 
 
-OPTIMIZERS = {"adam": Adam, "ranger": ranger, "sgd": SGD, "rmsprop": RMSProp, "lamb": Lamb}
+def rmsprop(params, lr, eps: float = 1e-8, **kw):
+    """fastai's RMSProp with `eps` applied: fastai 2.8's takes `eps` but never hands it to its step."""
+    opt = RMSProp(params, lr, **kw)
+    opt.set_hyper("eps", eps)
+    return opt
+
+
+OPTIMIZERS = {"adam": Adam, "ranger": ranger, "sgd": SGD, "rmsprop": rmsprop, "lamb": Lamb}
 
 
 def opt_func(cfg: Config):
