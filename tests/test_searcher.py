@@ -96,9 +96,14 @@ def test_a_resumed_searcher_proposes_what_an_uninterrupted_one_would_never_a_rep
 def test_enqueued_trials_sample_what_they_lack_each_with_its_own_seed(tmp_path):
     """A warm start enqueues partial configs; each enqueued trial samples the keys it lacks with the seed of
     its own number (they once all shared one, so every warm-started trial drew the same values)."""
-    s = StudySearcher(SPACE, storage=study_url(tmp_path), study_name="s", metric="accuracy", mode="max",
+    space = {**SPACE, "label_smoothing": Dist("uniform", (0.0, 0.2))}  # continuous: distinct draws never tie
+    s = StudySearcher(space, storage=study_url(tmp_path), study_name="s", metric="accuracy", mode="max",
                       kind="random", seed=3, startup_trials=8)
     s.enqueue([({"lr": 0.01}, "a"), ({"lr": 0.02}, "b"), ({"lr": 0.03}, "c")])
-    got = [s.suggest(f"t{i}") for i in range(4)]
-    assert [g["lr"] for g in got[:3]] == [0.01, 0.02, 0.03]
-    assert len({(g["epochs"], g["resize"]) for g in got}) > 1, got
+    enqueued = [s.suggest(f"t{i}") for i in range(3)]
+    assert [g["lr"] for g in enqueued] == [0.01, 0.02, 0.03]
+    assert len({g["label_smoothing"] for g in enqueued}) == 3, enqueued  # the enqueued trials only
+    after = s.suggest("t3")  # the first trial not enqueued samples everything
+    assert after["lr"] not in (0.01, 0.02, 0.03) and 1e-3 <= after["lr"] <= 1e-1
+    from_ = {t.number: t.user_attrs.get("enqueued_from") for t in s.study.trials}
+    assert from_ == {0: "a", 1: "b", 2: "c", 3: None}
