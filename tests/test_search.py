@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import optuna
 import pytest
@@ -10,7 +11,7 @@ import yaml
 
 from tests.conftest import ALL_FIVE, cli, tiny, write_space
 from tune_sota import load_confirm, load_history, load_model, load_trials, recipe
-from tune_sota.config import SPACES_DIR, load_space, parse_space
+from tune_sota.config import SPACES_DIR, Config, load_space, parse_space
 from tune_sota.searcher import RAY_ID, study_url
 
 pytestmark = pytest.mark.slow
@@ -163,10 +164,8 @@ def test_trials_command_prints_the_table(searched):
     assert sum(line.split()[0] in ("candidate", "baseline") for line in runs.stdout.splitlines()[1:]) == 4
 
 
-@pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_search_space_smoke_runs(path, tmp_path, image_folder):
-    """Each shipped space, shrunk to tiny data and sizes, runs a real two-trial search (under a new name:
-    its own is taken by an earlier search's results, which stay as they were)."""
+def shrunk(path, image_folder) -> tuple[dict, dict]:
+    """A shipped space shrunk to tiny data and sizes: (values, search settings) of a two-trial search."""
     space = load_space(path.stem)
     values = {k: (v.to_yaml() if hasattr(v, "to_yaml") else v) for k, v in space.values.items()}
     values.update(tiny(image_folder), epochs={"randint": [1, 2]}, resize={"choice": ["16", "8>16"]})
@@ -174,11 +173,89 @@ def test_every_search_space_smoke_runs(path, tmp_path, image_folder):
         values["pool"] = "avg"
     search = {**dataclasses.asdict(space.search), "num_samples": 2, "max_concurrent": 2, "cpus_per_trial": 1,
               "gpus_per_trial": 0, "confirm_top": 0}  # confirmation: the shared search and tests/test_faults.py
-    shrunk = write_space(tmp_path / f"{path.stem}.yaml", values, search)
+    return values, search
+
+
+# Settings that cannot change a two-trial smoke run: both trials are start-up (random) trials, none is confirmed.
+_INERT = ("startup_trials", "seed", "confirm_seeds")
+
+
+def _options(v):
+    """What a value may be, as ('set', values) or ('range', low, high)."""
+    if isinstance(v, dict) and len(v) == 1 and next(iter(v)) in ("uniform", "loguniform", "randint"):
+        return ("range", *next(iter(v.values())))
+    if isinstance(v, dict) and list(v) == ["choice"]:
+        return ("set", set(map(repr, v["choice"])))
+    return ("set", {repr(v)})
+
+
+def covers(big: tuple[dict, dict], small: tuple[dict, dict]) -> bool:
+    """Whether a smoke run of shrunk space `big` runs everything shrunk space `small` can: the same search
+    settings (but the inert ones), and every value of `small` among those `big` may take (a key left out means
+    Config's default)."""
+    (bv, bs), (sv, ss) = big, small
+    if {k: v for k, v in bs.items() if k not in _INERT} != {k: v for k, v in ss.items() if k not in _INERT}:
+        return False
+    default = {f.name: f.default for f in dataclasses.fields(Config)}
+    for key in set(bv) | set(sv):
+        b, s_ = _options(bv.get(key, default.get(key))), _options(sv.get(key, default.get(key)))
+        if b[0] == "set" and s_[0] == "set" and not s_[1] <= b[1]:
+            return False
+        if b[0] == "range" and (s_[0] != "range" or not b[1] <= s_[1] <= s_[2] <= b[2]):
+            return False
+        if b[0] == "set" and s_[0] == "range":
+            return False
+    return True
+
+
+def smoke_groups(image_folder) -> dict[str, list[str]]:
+    """Each shipped space that no other covers, with the spaces it covers (two near-copies run once)."""
+    spaces = {p.stem: shrunk(p, image_folder) for p in sorted(SPACES_DIR.glob("*.yaml"))}
+    covered_by = {}
+    for name, sp in spaces.items():
+        others = [o for o in spaces if o != name and covers(spaces[o], sp)
+                  and not (covers(sp, spaces[o]) and o > name)]  # of two equal spaces, the first runs
+        if others:
+            covered_by[name] = others[0]
+    runs = {name: [] for name in spaces if name not in covered_by}
+    for name, by in covered_by.items():
+        while by in covered_by:
+            by = covered_by[by]
+        runs[by].append(name)
+    return runs
+
+
+def test_smoke_groups_run_every_space_that_differs(tmp_path):
+    """imagenette-cpu searches a subset of imagenette-cpu-wide with the same settings: one run covers both.
+    A space that differs in one value, or in its search settings, still runs."""
+    groups = smoke_groups(tmp_path)
+    assert groups["imagenette-cpu-wide"] == ["imagenette-cpu"] and "imagenette-cpu" not in groups
+    assert {"quick", "imagenette", "imagenette-5ep"} <= set(groups)
+    wide = shrunk(SPACES_DIR / "imagenette-cpu-wide.yaml", tmp_path)
+    cpu = shrunk(SPACES_DIR / "imagenette-cpu.yaml", tmp_path)
+    assert covers(wide, cpu) and not covers(cpu, wide)
+    assert not covers(wide, ({**cpu[0], "mixup": {"choice": [0.0, 0.3]}}, cpu[1]))
+    assert not covers(wide, (cpu[0], {**cpu[1], "scheduler": "fifo"}))
+    assert not covers(wide, ({**cpu[0], "label_smoothing": {"uniform": [0.0, 0.3]}}, cpu[1]))
+
+
+SMOKE = smoke_groups(Path("data"))  # the grouping does not depend on where the data is
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE))
+def test_every_search_space_smoke_runs(name, tmp_path, image_folder):
+    """Each shipped space, shrunk to tiny data and sizes, runs a real two-trial search (under a new name:
+    its own is taken by an earlier search's results, which stay as they were). A space another covers
+    (`smoke_groups`) is shrunk and checked as a space, and that space's run stands for it."""
+    for covered in SMOKE[name]:
+        parse_space(yaml.safe_load(write_space(tmp_path / f"{covered}.yaml", *shrunk(SPACES_DIR / f"{covered}.yaml",
+                                                                                      image_folder)).read_text()))
+    path = SPACES_DIR / f"{name}.yaml"
+    small = write_space(tmp_path / f"{name}.yaml", *shrunk(path, image_folder))
     taken = tmp_path / "results" / path.stem  # an earlier search's results: a new search never touches them
     taken.mkdir(parents=True)
     (taken / "best.yaml").write_text("precious: true\n")
-    run = cli("search", "--space", shrunk, "--results", tmp_path / "results")
+    run = cli("search", "--space", small, "--results", tmp_path / "results")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"'{path.stem}' was taken, so this search is '{path.stem}-2'" in run.stdout
     assert (taken / "best.yaml").read_text() == "precious: true\n" and len(list(taken.iterdir())) == 1
