@@ -19,6 +19,7 @@ import yaml
 from conftest import CLASSES, cli, make_image_folder, tiny
 
 from tune_sota import export, model, preflight, recipe, sources
+from tune_sota.cli import main
 from tune_sota.config import Config, load_space, parse_space, space_to_yaml
 
 
@@ -134,32 +135,48 @@ def trained(tmp_path_factory):
     return model.save(learn, cfg, tmp / "model", recipe.score(learn, tta=False)), tmp / "data"
 
 
-def test_predict_a_folder_prints_a_line_per_image_and_writes_a_csv(trained, tmp_path):
-    """(Before the export test below, which deletes the training data.)"""
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    """`tune-sota ARGV` in this process: the exit code, stdout and stderr."""
+    code = main([str(a) for a in argv])
+    said = capsys.readouterr()
+    return code, said.out, said.err
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """The trained model exported once through the CLI, for the predict and the plain-fastai tests."""
+    out = tmp_path_factory.mktemp("exported") / "exp"
+    run = cli("export", trained[0], "--out", out, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return out
+
+
+def test_predict_a_folder_prints_a_line_per_image_and_writes_a_csv(trained, exported, tmp_path, capsys):
+    """(Before the export test below, which deletes the training data.) The first prediction goes through the
+    command as a user types it; the others call the same `main` in this process (each subprocess imports torch)."""
     saved, data_dir = trained
     images = tmp_path / "photos" / "nested"
     images.mkdir(parents=True)
     for f in sorted((data_dir / "images").iterdir())[:4]:
         shutil.copy(f, images / f.name)
     (tmp_path / "photos" / "notes.txt").write_text("not an image")
-    assert cli("export", saved, "--out", tmp_path / "exp", timeout=300).returncode == 0
-    shown = cli("predict", tmp_path / "exp", tmp_path / "photos", "--top", "2", timeout=300)
+    shown = cli("predict", exported, tmp_path / "photos", "--top", "2", timeout=300)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     lines = [line.split("\t") for line in shown.stdout.strip().splitlines()]
     assert len(lines) == 4 and all(len(x) == 4 for x in lines), shown.stdout
     assert {x[1] for x in lines} <= set(CLASSES) and all(0 < float(x[2]) <= 1 for x in lines)
     assert all(len(x[3].split()) == 2 and x[3].split()[0].startswith(x[1] + ":") for x in lines)
     # the saved model itself (load_model's way, with the data there) predicts the same labels
-    direct = cli("predict", saved, tmp_path / "photos", "--top", "2", timeout=300)
-    assert direct.returncode == 0, direct.stdout + direct.stderr
-    assert [x.split("\t")[:2] for x in direct.stdout.strip().splitlines()] == [x[:2] for x in lines]
-    written = cli("predict", tmp_path / "exp", *sorted(images.iterdir()), "--out", tmp_path / "p.csv", "--tta",
-                  timeout=300)
-    assert written.returncode == 0, written.stdout + written.stderr
+    code, out, err = run_main(capsys, "predict", saved, tmp_path / "photos", "--top", "2")
+    assert code == 0, err
+    assert [x.split("\t")[:2] for x in out.strip().splitlines()] == [x[:2] for x in lines]
+    code, _, err = run_main(capsys, "predict", exported, *sorted(images.iterdir()), "--out", tmp_path / "p.csv",
+                            "--tta")
+    assert code == 0, err
     frame = pd.read_csv(tmp_path / "p.csv")
     assert list(frame.columns) == ["path", "label", "probability", "top"] and len(frame) == 4
-    again = cli("predict", tmp_path / "exp", images, "--out", tmp_path / "p.csv", timeout=300)
-    assert again.returncode == 2 and "exists" in again.stderr  # nothing is overwritten
+    code, _, err = run_main(capsys, "predict", exported, images, "--out", tmp_path / "p.csv")
+    assert code == 2 and "exists" in err  # nothing is overwritten
 
 
 # Run where tune_sota cannot be imported (a stand-in module that refuses), from an empty folder.
@@ -187,12 +204,10 @@ LOADER = textwrap.dedent("""
 """)
 
 
-def test_an_export_loads_with_plain_fastai_and_torch_without_tune_sota_or_the_data(trained, tmp_path):
+def test_an_export_loads_with_plain_fastai_and_torch_without_tune_sota_or_the_data(trained, exported, tmp_path):
     saved, data_dir = trained
-    run = cli("export", saved, "--out", tmp_path / "exp", timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"export.pkl", "model.pt2", "classes.json"}
-    assert not export._tune_sota_names(tmp_path / "exp" / "export.pkl")
+    assert {p.name for p in exported.iterdir()} == {"export.pkl", "model.pt2", "classes.json"}
+    assert not export._tune_sota_names(exported / "export.pkl")
     # Reference predictions from load_model (which needs the data), on images copied out of the data
     images = tmp_path / "new"
     images.mkdir()
@@ -207,7 +222,7 @@ def test_an_export_loads_with_plain_fastai_and_torch_without_tune_sota_or_the_da
     shutil.rmtree(sources.cache_dir() / "splits", ignore_errors=True)
     (tmp_path / "empty").mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path / "exp"), *files], cwd=tmp_path / "empty",
+    out = subprocess.run([sys.executable, "-c", LOADER, str(exported), *files], cwd=tmp_path / "empty",
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
