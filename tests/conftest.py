@@ -35,6 +35,21 @@ def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "tinted")
 
 
+@pytest.fixture(scope="session")
+def slower_folder(tmp_path_factory) -> Path:
+    """Enough images that an epoch takes about a second: time to lose a node, or to interrupt, mid-trial
+    (the cluster, fault and resume tests share it)."""
+    return make_image_folder(tmp_path_factory.mktemp("data") / "bigger", per_class=(80, 10), px=32)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2`, as pyproject.toml sets), the tests that read the one shared search run in
+    one worker, so that the search runs once per session, not once per worker."""
+    for item in items:
+        if "searched" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("searched"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory):
     os.environ["TUNE_SOTA_CACHE"] = str(tmp_path_factory.mktemp("cache"))

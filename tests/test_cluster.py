@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -155,7 +156,7 @@ def nodes(ray_tmp):
         n.stop()
 
 
-def test_two_node_cluster_as_users_start_it(nodes, ray_tmp, tmp_path):
+def test_two_node_cluster_as_users_start_it(nodes, ray_tmp, tmp_path, slower_folder):
     home = ray_tmp / "home"  # the user's home on every "machine": ~/.ray/auth_token is the cluster's token
     env = user_env(ray_tmp, home)
     # The README's recipe: the head makes the token, every node and the driver find it in ~/.ray/auth_token.
@@ -170,7 +171,7 @@ def test_two_node_cluster_as_users_start_it(nodes, ray_tmp, tmp_path):
     # All four trials are proposed at once (a fixed config run 4 times), and each (about 10 s) outlasts
     # the skew between two trial processes importing torch and fastai side by side: otherwise the
     # head's process, reused, may take every trial while the worker node's is still starting.
-    data = make_image_folder(tmp_path / "data", per_class=(80, 10), px=32)
+    data = slower_folder
     space = write_space(tmp_path / "two.yaml", tiny(data, size=32, presize=32, epochs=12),
                         {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "confirm_top": 0})
     shared = tmp_path / "shared"
@@ -235,22 +236,6 @@ def test_two_node_cluster_as_users_start_it(nodes, ray_tmp, tmp_path):
     assert time.time() - t0 < 30
 
 
-def test_a_token_here_does_not_lock_out_a_cluster_without_token_auth(nodes, ray_tmp):
-    # A driver that turned token authentication on refuses the calls of a cluster without it: its
-    # actors (every trial is one) die before they start. The token on this machine is used only when
-    # the cluster asks for one.
-    env = user_env(ray_tmp, ray_tmp / "home")
-    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
-    head = nodes.start({**env, "RAY_AUTH_MODE": "disabled"}, "--head", "--port", free_port(), "--include-dashboard",
-                       "false", "--dashboard-port", free_port(), "--temp-dir", ray_tmp / "ray")
-    code = ("import os, ray; from tune_sota import cluster\n"
-            f"cluster.connect({head!r})\n"
-            "actor = ray.remote(num_cpus=1)(type('Trial', (), {'pid': lambda self: os.getpid()})).remote()\n"
-            "print('MODE', os.environ.get('RAY_AUTH_MODE'), 'ACTOR', ray.get(actor.pid.remote(), timeout=60))")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert run.returncode == 0 and "MODE None ACTOR " in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
-
-
 def _can_unshare() -> bool:
     """Whether this machine lets a test give a process a mount namespace with a tmpfs of its own (root)."""
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -259,23 +244,61 @@ def _can_unshare() -> bool:
     return probe is not None and probe.returncode == 0
 
 
-@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare --mount` and mount (root, as in CI)")
-def test_a_worker_that_shares_no_disk(nodes, ray_tmp, tmp_path):
-    """A worker node as a second machine is: its own view of the results folder and of the cache (a private
-    tmpfs over each), its own HOME and no TUNE_SOTA_CACHE. A search that would checkpoint where the worker
-    cannot share refuses before it starts; with a shared --storage it runs trials on both nodes, and the
-    worker builds its decoded cache where the driver's TUNE_SOTA_CACHE says."""
-    results, cache, shared = tmp_path / "results", tmp_path / "cache", tmp_path / "shared"
+@pytest.fixture(scope="module")
+def open_cluster(tmp_path_factory):
+    """One cluster without token authentication, for the two tests that need one: a head and, where this
+    machine lets a test give a process a mount namespace (root, as in CI), a worker as a second machine is:
+    its own view of a results folder and of a cache (a private tmpfs over each), its own HOME and no
+    TUNE_SOTA_CACHE. Starting it once saves a test its own `ray start` head."""
+    root = Path(tempfile.mkdtemp(prefix="tsc-", dir="/tmp"))
+    apart = tmp_path_factory.mktemp("apart")
+    results, cache = apart / "results", apart / "cache"
     for d in (results, cache):
         d.mkdir()
-    env = user_env(ray_tmp, ray_tmp / "home", RAY_AUTH_MODE="disabled", TUNE_SOTA_CACHE=str(cache))
-    head = nodes.start(env, "--head", "--port", free_port(), "--include-dashboard", "false",
-                       "--dashboard-port", free_port(), "--temp-dir", ray_tmp / "ray")
-    worker_env = {k: v for k, v in env.items() if not k.startswith("TUNE_SOTA")} | {"HOME": str(ray_tmp / "w")}
-    nodes.start(worker_env, "--address", head, private=(results, cache))
-    worker = nodes.groups[-1]
+    env = user_env(root, root / "home", RAY_AUTH_MODE="disabled", TUNE_SOTA_CACHE=str(cache))
+    nodes = RayNodes(root)
+    try:
+        head = nodes.start(env, "--head", "--port", free_port(), "--include-dashboard", "false",
+                           "--dashboard-port", free_port(), "--temp-dir", root / "ray")
+        worker = None
+        if _can_unshare():
+            worker_env = {k: v for k, v in env.items() if not k.startswith("TUNE_SOTA")} | {"HOME": str(root / "w")}
+            nodes.start(worker_env, "--address", head, private=(results, cache))
+            worker = nodes.groups[-1]
+        yield SimpleNamespace(nodes=nodes, root=root, env=env, head=head, worker=worker, results=results,
+                              cache=cache)
+    finally:
+        nodes.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
-    data = make_image_folder(tmp_path / "data", per_class=(80, 10), px=32)
+
+@pytest.mark.xdist_group("open_cluster")
+def test_a_token_here_does_not_lock_out_a_cluster_without_token_auth(open_cluster):
+    # A driver that turned token authentication on refuses the calls of a cluster without it: its
+    # actors (every trial is one) die before they start. The token on this machine is used only when
+    # the cluster asks for one.
+    env = user_env(open_cluster.root, open_cluster.root / "driver-home")
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
+    head = open_cluster.head
+    code = ("import os, ray; from tune_sota import cluster\n"
+            f"cluster.connect({head!r})\n"
+            "actor = ray.remote(num_cpus=1)(type('Trial', (), {'pid': lambda self: os.getpid()})).remote()\n"
+            "print('MODE', os.environ.get('RAY_AUTH_MODE'), 'ACTOR', ray.get(actor.pid.remote(), timeout=60))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0 and "MODE None ACTOR " in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
+
+
+@pytest.mark.xdist_group("open_cluster")
+@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare --mount` and mount (root, as in CI)")
+def test_a_worker_that_shares_no_disk(open_cluster, tmp_path, slower_folder):
+    """A worker node as a second machine is (`open_cluster`). A search that would checkpoint where the worker
+    cannot share refuses before it starts; with a shared --storage it runs trials on both nodes, and the
+    worker builds its decoded cache where the driver's TUNE_SOTA_CACHE says."""
+    c = open_cluster
+    results, cache, shared, env, head, worker, nodes = (c.results, c.cache, tmp_path / "shared", c.env, c.head,
+                                                        c.worker, c.nodes)
+
+    data = slower_folder
     space = write_space(tmp_path / "apart.yaml", tiny(data, size=32, presize=32, epochs=12),
                         {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "confirm_top": 0})
     t0 = time.time()
@@ -293,7 +316,7 @@ def test_a_worker_that_shares_no_disk(nodes, ray_tmp, tmp_path):
     # What the worker sees, through its processes' root: its cache where the driver said, none under its HOME.
     seen = Path(f"/proc/{next(p for p in nodes.mine() if os.getpgid(p) == worker)}/root")
     assert list((seen / str(cache).lstrip("/")).glob("decoded/*/train/train.json")), "the worker built no cache there"
-    assert not (seen / str(ray_tmp / "w" / ".cache" / "tune_sota").lstrip("/")).exists()
+    assert not (seen / str(c.root / "w" / ".cache" / "tune_sota").lstrip("/")).exists()
     assert not list((seen / str(results).lstrip("/")).iterdir()), "the worker's own results folder stays empty"
 
 

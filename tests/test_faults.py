@@ -22,12 +22,6 @@ from tune_sota.searcher import RAY_ID, study_url
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def slower_folder(tmp_path_factory) -> Path:
-    """Enough images that an epoch takes about a second: time to lose a node mid-trial."""
-    return make_image_folder(tmp_path_factory.mktemp("data") / "bigger", per_class=(80, 10), px=32)
-
-
 @pytest.fixture
 def cluster():
     """A head (2 CPUs) and a worker node (1 CPU): two raylets on this machine, as `ray start` would make on two."""
