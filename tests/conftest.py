@@ -43,11 +43,16 @@ def slower_folder(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2`, as pyproject.toml sets), the tests that read the one shared search run in
-    one worker, so that the search runs once per session, not once per worker."""
+    """Under pytest-xdist (`-n 2`, as pyproject.toml sets), a costly shared fixture is built once, not once per
+    worker: the tests that read the one shared search run in one worker, and so do a module's tests that share
+    a module-scoped fixture (a search, a trained model, a cluster)."""
     for item in items:
-        if "searched" in getattr(item, "fixturenames", ()):
+        if "searched" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("searched"))
+            continue
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})  # pytest's, read-only
+        if any(d and d[-1].scope == "module" for d in defs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(autouse=True, scope="session")
