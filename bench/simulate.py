@@ -6,6 +6,7 @@ clock counts the compute.
     python bench/simulate.py --seeds 20                 # the figures and, last, the ratio line
     python bench/simulate.py --seeds 50 --record        # ...and append them to bench/RESULTS.md
     python bench/simulate.py --synthetic 80 --seeds 5   # a dry run on a made-up table (no recording needed)
+    python bench/simulate.py --table bench/curves-quarter/curves.csv.gz --json sim.json   # the second task
 
 For each setting (trials x workers, default the shipped spaces' 12x2 and 32x4) and method, `--seeds` searches
 are simulated, the first setting's run on to `--extend` times the compute of its trial budget (that many
@@ -23,6 +24,7 @@ chosen, what that costs in regret and what it saves. Figures go to --out.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import multiprocessing
@@ -77,13 +79,13 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 
 
 def method_table(res: pd.DataFrame, methods: list[str], budget: int, label=None, ref: str | None = None
-                 ) -> tuple[str, dict, float, dict]:
+                 ) -> tuple[str, dict, float, dict, dict]:
     """The markdown table of one setting, and each method's compute-to-target values. 'At equal compute':
     each method's regret once it has spent what random search spends on `budget` trials (median over
     seeds), which is fair to a method that stops trials and could run more of them. With `ref`, a column of
     each method's regret minus ref's, seed by seed (sim.paired_interval), at the budget and at equal
-    compute: what decides between two settings."""
-    rows, to_target, never, paired = [], {}, {}, {}
+    compute: what decides between two settings. Last, the same figures for `--json`, by method."""
+    rows, to_target, never, paired, figures = [], {}, {}, {}, {}
     base = res[res.method == "random"].compute.median() if "random" in set(res.method) else math.nan
     # Compute to within 1 point is censored at one cap for every method: the least compute any search of this
     # setting ran to. (Capping each search at what it spent itself favoured methods that spend less per
@@ -99,6 +101,10 @@ def method_table(res: pd.DataFrame, methods: list[str], budget: int, label=None,
         tt = sim.iqm_interval(to_target[name])
         never[name] = censored = int(np.sum(reached > cap))
         within = float(np.mean(r.regret <= TARGET + 1e-12))
+        figures[name] = {"seeds": [int(x) for x in r.seed], "regret": _triple(reg), "regret_at_random_compute":
+                         _triple(eq), "seeds_within_1_point": within, "compute_median": float(r.compute.median()),
+                         "stopped": float(r.stopped.mean()), "compute_to_1_point": _triple(tt),
+                         "seeds_not_within_1_point_by_cap": censored}
         rows.append([name, label(name) if label else sim.METHODS[name].label(), _pts(reg), _pts(eq), f"{within:.0%}",
                      f"{r.compute.median():,.0f}" + (f" ({r.compute.median() / base:.2f})" if base == base else ""),
                      f"{r.stopped.mean():.0%}", _fmt_interval(tt), f"{censored}/{len(r)}"])
@@ -111,10 +117,19 @@ def method_table(res: pd.DataFrame, methods: list[str], budget: int, label=None,
         head.insert(4, f"minus {ref}, same seeds: at {budget} trials / at random's compute (mean [95%])")
         for row, name in zip(rows, methods):
             same = np.array_equal(paired[name][0], seeds)
-            row.insert(4, "" if name == ref or not same else
-                       f"{_pts(sim.paired_interval(paired[name][1], at_budget))} / "
-                       f"{_pts(sim.paired_interval(paired[name][2], at_eq))}")
-    return table(head, rows), to_target, cap, never
+            if name == ref or not same:
+                row.insert(4, "")
+                continue
+            pb, pe = sim.paired_interval(paired[name][1], at_budget), sim.paired_interval(paired[name][2], at_eq)
+            row.insert(4, f"{_pts(pb)} / {_pts(pe)}")
+            figures[name][f"minus_{ref}"] = {"at_budget": _triple(pb, "mean"), "at_random_compute": _triple(pe, "mean"),
+                                             "seeds": [int(x) for x in seeds]}
+    return table(head, rows), to_target, cap, never, figures
+
+
+def _triple(v: tuple[float, float, float], centre: str = "iqm") -> dict:
+    """A (value, low, high) figure as JSON: infinite (never) as null."""
+    return {k: (float(x) if math.isfinite(x) else None) for k, x in zip((centre, "low", "high"), v)}
 
 
 def _pts(v: tuple[float, float, float]) -> str:
@@ -240,8 +255,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=20, help="searcher seeds per method and setting (default 20)")
     ap.add_argument("--first-seed", type=int, default=0, help="the first searcher seed (default 0)")
-    ap.add_argument("--table", default=str(BENCH / "curves" / "curves.csv.gz"))
-    ap.add_argument("--space", default=str(BENCH / "curves" / "space.yaml"))
+    ap.add_argument("--table", default=str(BENCH / "curves" / "curves.csv.gz"),
+                    help="the recorded table (default bench/curves/curves.csv.gz; the second task's is "
+                         "bench/curves-quarter/curves.csv.gz)")
+    ap.add_argument("--space", help="the table's space (default: space.yaml beside the table)")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON: per setting and method the "
+                    "regret's IQM and interval, the paired difference against random with its seeds, the ratio line")
     ap.add_argument("--synthetic", type=int, default=0, metavar="N",
                     help="simulate on a made-up table of N configs instead (a dry run; figures mean nothing)")
     ap.add_argument("--settings", default="12x2,32x4", help="trials x workers, comma-separated (default 12x2,32x4)")
@@ -270,7 +289,7 @@ def main(argv=None) -> int:
         if not Path(args.table).is_file():
             sys.exit(f"simulate.py: no table at {args.table}; record one with bench/record_curves.py, or give "
                      f"--synthetic N for a dry run on a made-up table")
-        space = load_space(args.space)
+        space = load_space(args.space or str(Path(args.table).parent / "space.yaml"))
         frame = pd.read_csv(args.table, dtype={"trial_id": str, "replicate_of": str, "resize": str})
         where = Path(args.table).resolve()
         source = str(where.relative_to(BENCH.parent) if where.is_relative_to(BENCH.parent) else where)
@@ -347,9 +366,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     body, ratio = ["\n".join(lines)], None
+    figures = {"table": source, "surrogate_heldout_spearman": float(rho), "heldout_configs": int(n_held),
+               "seeds": list(seeds), "settings": {}, "ratio": None}
     for n, w in settings:
         r = res[(res.kind == "method") & (res.setting == f"{n}x{w}")]
-        text, to_target, cap, never = method_table(r, methods, n, ref="random")
+        text, to_target, cap, never, by_method = method_table(r, methods, n, ref="random")
+        figures["settings"][f"{n}x{w}"] = {"methods": by_method}
         fig = out / f"anytime_{n}x{w}.png"
         anytime_figure(r, methods, f"{n} trials, {w} workers: IQM regret over {args.seeds} seeds, 95% bands", fig)
         shown = fig.relative_to(BENCH.parent) if fig.is_relative_to(BENCH.parent) else fig
@@ -371,9 +393,10 @@ def main(argv=None) -> int:
         for n, w in settings:
             r = res[(res.kind == "sweep") & (res.setting == f"{n}x{w}")]
             names = ["random", *SWEEP, *([GP] if (n, w) == (n0, w0) else [])]
-            text, *_ = method_table(r, names, n, label=lambda m: (SWEEP.get(m) or sim.METHODS[m if m != GP
+            text, *_, by_method = method_table(r, names, n, label=lambda m: (SWEEP.get(m) or sim.METHODS[m if m != GP
                                                                                          else "gp+asha"]).label(),
                                     ref="shipped")
+            figures["settings"].setdefault(f"{n}x{w}", {})["sweep"] = by_method
             body.append(f"**Defaults, {n} trials, {w} workers** (one knob moved at a time from the shipped method; "
                         f"runs on to {SWEEP_EXTEND:g}x the trials' compute)\n\n{text}")
     if shares:
@@ -401,12 +424,17 @@ def main(argv=None) -> int:
         body.append(f"- within 2 points, the same way: tune_sota {_num(p2, '.2f')} [{_num(l2, '.2f')}, "
                     f"{_num(h2, '.2f')}] of random's ({cens2['tune_sota']} and {cens2['random']} seeds never "
                     f"within 2 points)")
+        figures["ratio"] = {"setting": f"{n}x{w}", "value": _triple((pt, lo, hi))["iqm"],
+                            "low": _triple((pt, lo, hi))["low"], "high": _triple((pt, lo, hi))["high"],
+                            "censored": {k: int(v) for k, v in censored.items() if k in ("tune_sota", "random")}}
         pt, lo, hi = (_num(v, ".2f") for v in (pt, lo, hi))
         body.append(f"compute to within 1 point: tune_sota {pt} [{lo}, {hi}] of random's")
     text = "\n\n".join(body)
     print(text)
     if args.record:
         record("simulate: what the search is worth, replayed on recorded curves", text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
     return 0
 
 
