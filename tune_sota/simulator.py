@@ -131,6 +131,33 @@ class Encoder:
         return [base + [(e + 1) / n, s] for e, s in enumerate(self.stage_sizes(params))]
 
 
+# ---------------------------------------------------------------- the recorded table
+
+# What the surrogate reads of a table (besides the space's searched values), as bench/record_curves.py
+# writes it: the trial, the seed replicate it repeats, how it ended and its val/ accuracy, then per epoch
+# its holdout accuracy and seconds.
+TABLE_COLUMNS = ("trial_id", "replicate_of", "status", "val_accuracy", "epoch", "accuracy", "epoch_s", "cpu_s")
+TABLE_DTYPES = {"trial_id": str, "replicate_of": str, "resize": str}  # ids and schedules as text, never numbers
+
+
+def load_table(path, space_file=None) -> tuple[Space, pd.DataFrame]:
+    """(space, table) of a recorded table (bench/record_curves.py's `curves.csv.gz`), its space read from
+    `space_file` or the `space.yaml` beside it; a table that lacks what the surrogate reads is refused, naming
+    the missing columns."""
+    from pathlib import Path
+
+    from tune_sota.config import UserError, load_space
+
+    path = Path(path)
+    space = load_space(str(space_file or path.parent / "space.yaml"))
+    table = pd.read_csv(path, dtype=TABLE_DTYPES)
+    missing = [c for c in (*TABLE_COLUMNS, *space.searched) if c not in table.columns]
+    if missing:
+        raise UserError(f"{path}: no column {', '.join(missing)}; a table of bench/record_curves.py has "
+                        f"{', '.join(TABLE_COLUMNS)} and the space's searched keys")
+    return space, table
+
+
 # ---------------------------------------------------------------- the surrogate
 
 
