@@ -40,7 +40,7 @@ def test_bf16_channels_last_fit_with_mixup_label_smoothing_tta_and_resume_on_the
     # 3x3 stride-2 conv meets a 1x1 input (xresnet's last stage at 8 or 16 px); GPUs use cuDNN instead.
     cfg = Config(**tiny(image_folder, epochs=2, mixup=0.2, label_smoothing=0.1, size=32, presize=40,
                         resize="24>32", precision="bf16"))
-    conv_dtypes, states, reports = Counter(), {}, []
+    conv_dtypes, states, reports, mixed = Counter(), {}, [], []
 
     def on_epoch(r, learn):
         reports.append(r)
@@ -49,10 +49,16 @@ def test_bf16_channels_last_fit_with_mixup_label_smoothing_tta_and_resume_on_the
             for m in learn.model.modules():
                 if isinstance(m, torch.nn.Conv2d):
                     m.register_forward_hook(lambda mod, inp, out: conv_dtypes.update([out.dtype]))
+            # and, for each training batch, who computes its loss: MixUp's mixed loss, with its mixing weights
+            learn.model.register_forward_hook(lambda mod, inp, out: mixed.append(_mixing(learn)) if mod.training
+                                              else None)
 
     learn = recipe.train(cfg, cpus=1, on_epoch=on_epoch)
     amp = [cb for cb in learn.cbs if isinstance(cb, MixedPrecision)]
     assert len(amp) == 1 and amp[0].amp_mode.value == "bf16", [type(cb).__name__ for cb in learn.cbs]
+    # MixUp mixed every training batch of the fit (its loss, the config's alpha, weights below 1), then was gone
+    assert mixed and all(m is not None for m in mixed), mixed
+    assert all(alpha == pytest.approx(0.2) for alpha, _ in mixed) and min(lam for _, lam in mixed) < 0.99
     assert any(isinstance(cb, MixUp) for cb in learn.cbs) is False  # MixUp is a fit callback, gone after the fit
     assert isinstance(learn.loss_func, LabelSmoothingCrossEntropyFlat)
     convs = [m for m in learn.model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -69,6 +75,14 @@ def test_bf16_channels_last_fit_with_mixup_label_smoothing_tta_and_resume_on_the
     assert resumed == [2]
     assert sum(isinstance(cb, MixedPrecision) for cb in again.cbs) == 1
     assert recipe.evaluate(cfg, states[2], cpus=1, tta=False)["accuracy"] == pytest.approx(scores["accuracy"])
+
+
+def _mixing(learn):
+    """(alpha, smallest weight) of the MixUp computing this batch's loss, or None if the loss is not MixUp's."""
+    mixer = getattr(learn.loss_func, "__self__", None)
+    if not isinstance(mixer, MixUp):
+        return None
+    return float(mixer.distrib.concentration1), float(mixer.lam.min())
 
 
 def _crop(size, **kw):
