@@ -408,6 +408,11 @@ def unshared(storage: str) -> list[NodeReport]:
                      for n in nodes], timeout=120)
     reports = [NodeReport(n["NodeID"], n.get("NodeManagerAddress", ""), 0, 0, r["host"], storage=r["storage"])
                for n, r in zip(nodes, found)]
+    failed = [r for r in reports if r.storage]
+    if failed:  # a node that cannot write there has no marker to remove (removing it raised); the others do
+        ray.get([remove.options(scheduling_strategy=pinned[r.node_id]).remote(storage, [prefix + r.node_id])
+                 for r in reports if not r.storage], timeout=120)
+        return failed
     _sharing(reports, storage, prefix, pinned, sees, remove)
     ids = {r.node_id for r in reports}
     return [r for r in reports if r.storage or r.sees != ids]
@@ -424,7 +429,7 @@ def check_storage(storage: str, default: bool) -> None:
         import ray
 
         ray.shutdown()
-        what = "the default --storage, the results folder" if default else f"--storage {storage}"
+        what = "the default --storage, the results folder" if default else "--storage"
         first = bad[0]
         why = first.storage or "does not see what the other nodes write there"
         raise UserError(f"{what} {storage} is not shared by the cluster's nodes (node {first.node_id[:8]} "
