@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -25,15 +26,18 @@ from tune_sota.config import ConfigError, load_space, parse_space
 from tune_sota.results import edge_notes
 
 
-@pytest.fixture(scope="module")
-def slower_folder(tmp_path_factory) -> Path:
-    """Enough images that an epoch takes about a second: time to interrupt a trial mid-way."""
-    return make_image_folder(tmp_path_factory.mktemp("data") / "bigger", per_class=(80, 10), px=32)
-
-
 def _hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _rungs(folder: Path) -> dict:
+    """ASHA's rung records as the search saved them (scheduler.json): {share: {trial: accuracy}}, the share
+    keys only (the file also holds each trial's schedule shape, `groups`, and the epoch it was judged at,
+    `judged_at`)."""
+    f = folder / "scheduler.json"
+    saved = json.loads(f.read_text()) if f.is_file() else {}
+    return {k: v for k, v in saved.items() if k not in ("groups", "judged_at")}
 
 
 def _resume_argv(line: str) -> list[str]:
@@ -46,16 +50,20 @@ def _resume_argv(line: str) -> list[str]:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, slower_folder):
-    # 6 epochs a trial: Ctrl-C after the first epoch lands while the search certainly runs, however fast
+    # 6 epochs a trial, one rung at epoch 3, checkpoints at 3, 5 and 6: Ctrl-C once the first trial has been
+    # judged at the rung lands while it certainly runs (it stops at its epoch-5 checkpoint), however fast.
+    # Seed 3 draws (4 start-up trials, so each config is fixed by its number) lr 8.3e-3, 3.2e-5, 1.3e-5 and
+    # 7.0e-3: whichever of the first two reaches the rung first, one of the two tiny learning rates is judged
+    # after a far better trial and is stopped there.
     space = write_space(tmp_path / "sig.yaml", {**tiny(slower_folder, epochs=6, size=32, presize=32),
-                                                "lr": {"loguniform": [1e-3, 1e-2]}},
-                        {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "startup_trials": 2,
-                         "scheduler": "asha", "grace": 0.5, "confirm_top": 0})
+                                                "lr": {"loguniform": [1e-5, 1e-2]}},
+                        {"num_samples": 4, "max_concurrent": 2, "cpus_per_trial": 1, "startup_trials": 4,
+                         "seed": 3, "scheduler": "asha", "grace": 0.5, "reduction_factor": 2, "confirm_top": 0})
     results = tmp_path / "results"
     (results / "sig").mkdir(parents=True)  # taken: the search is named sig-2, and the command must say so
     folder = results / "sig-2"
     proc = _popen("search", "--space", space, "--results", results)
-    _wait(lambda: any(r["epoch"] >= 1 for r in _results(folder)), 300, "a trial's first epoch", proc)
+    _wait(lambda: _rungs(folder).get("0.5"), 300, "a trial judged at the 50% rung", proc)
     os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole foreground group
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out[-3000:]
@@ -67,10 +75,12 @@ def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, 
     assert yaml.safe_load((folder / "run.yaml").read_text())["status"] == "interrupted"
     cut = load_trials(folder)
     assert "interrupted" in set(cut.status) and set(cut.status) <= {"interrupted", "completed", "stopped"}, cut
-    assert "sig-2 interrupted after" in out and "interrupted)" in out
+    assert re.search(r"sig-2 interrupted after \S+: \d+ trials \((.*, )?\d+ interrupted[,)]", out), out[-3000:]
     ended_before = int(cut.status.isin(["completed", "stopped"]).sum())
     interrupted = cut[(cut.status == "interrupted") & (cut.epochs_run > 0)]
-    rungs_before = json.loads((folder / "scheduler.json").read_text()) if (folder / "scheduler.json").exists() else {}
+    assert len(interrupted) >= 1, cut  # the trial judged first went on, and Ctrl-C stopped it at a checkpoint
+    rungs_before = _rungs(folder)
+    assert rungs_before["0.5"], rungs_before
 
     resumed = subprocess.run([sys.executable, "-m", "tune_sota.cli", *_resume_argv(resume_line[0])], cwd=ROOT,
                              env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True,
@@ -84,13 +94,22 @@ def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, 
         assert h.epoch.is_unique and (h.start_epoch > 0).any(), h
     # ASHA's rung records came back: what was recorded before Ctrl-C is still there, unchanged (a trial that
     # passed the 50% rung was not judged again against an empty rung), and every stop is on that rung.
-    rungs = json.loads((folder / "scheduler.json").read_text())
-    for share, recorded in rungs_before.items():
-        assert recorded.items() <= rungs[share].items(), (share, recorded, rungs[share])
-    half = rungs[repr(0.5)]
-    for _, t in trials[trials.status == "stopped"].iterrows():
-        assert t.trial_id in half and t.epochs_run == 3, t
-        assert half[t.trial_id] < max(half.values()), "stopped below the best at its rung"
+    rungs = _rungs(folder)
+    assert set(rungs) == set(rungs_before) == {"0.5"}
+    assert rungs_before["0.5"].items() <= rungs["0.5"].items(), (rungs_before, rungs)
+    half = rungs["0.5"]
+    assert set(half) == set(trials.trial_id), half  # every trial reached epoch 3 of 6 and was judged there
+    judged_at = json.loads((folder / "scheduler.json").read_text())["judged_at"]
+    status = trials.set_index("trial_id").status
+    seen = []
+    for trial_id, value in half.items():  # in the order ASHA judged them: below the median so far is stopped
+        assert (status[trial_id] == "stopped") == (bool(seen) and value < np.percentile(seen, 50)), (half, status)
+        assert judged_at[trial_id] == 3
+        seen.append(value)
+    stopped = trials[trials.status == "stopped"]
+    assert len(stopped) >= 1, trials  # a tiny learning rate was judged after a far better trial
+    for _, t in stopped.iterrows():
+        assert t.epochs_run == 3 and half[t.trial_id] < max(half.values()), t
     counters = [int(n) for n in re.findall(r"\[(\d+)/4\]", resumed.stdout)]
     assert counters and counters[0] == ended_before + 1 and counters[-1] == 4, resumed.stdout[-3000:]
     assert yaml.safe_load((folder / "run.yaml").read_text())["status"] == "finished"
