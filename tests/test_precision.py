@@ -147,30 +147,3 @@ def test_the_training_loop_reads_nothing_back_per_batch(image_folder, monkeypatc
     assert batches["train"] >= 4 * cfg.epochs
     per_epoch = {site: n for site, n in calls.items() if n > cfg.epochs}
     assert not per_epoch, f"reads per batch at {per_epoch} over {batches['train']} training batches"
-
-
-def test_foreach_adam_trains_exactly_as_fastais_adam_and_shares_its_checkpoints(image_folder):
-    from fastai.optimizer import Adam
-    from fastai.torch_core import set_seed
-
-    from tune_sota.foreach_adam import ForeachAdam, foreach_adam
-
-    cfg = Config(**tiny(image_folder, epochs=2, mixup=0.2, resize="8>16", wd=0.1))
-    learners = {}
-    for name, opt_func in (("fastai", Adam), ("foreach", foreach_adam)):
-        set_seed(cfg.seed)
-        learn = recipe.build_learner(cfg, recipe.make_dataloaders(cfg, workers=0, device=CPU))
-        learn.opt_func = opt_func
-        learn.fit_one_cycle(cfg.epochs, cfg.lr, wd=cfg.wd, cbs=[recipe.ProgressiveResize(cfg), MixUp(cfg.mixup)])
-        learners[name] = learn
-    assert isinstance(learners["foreach"].opt, ForeachAdam)
-    a, b = (learners[k].model.state_dict() for k in ("fastai", "foreach"))
-    assert all(torch.equal(a[k], b[k]) for k in a), "the same arithmetic in the same order: identical weights"
-    bn = next(p for m in learners["foreach"].model.modules() if isinstance(m, torch.nn.BatchNorm2d)
-              for p in m.parameters())
-    assert learners["foreach"].opt.state[bn]["do_wd"] is False  # BatchNorm undecayed, as fastai's Learner sets
-    blob = recipe.save_state(learners["foreach"], cfg.epochs)
-    assert recipe.load_state(learners["fastai"], blob) == cfg.epochs  # a foreach checkpoint loads into fastai's Adam
-    learners["foreach"].opt_func = foreach_adam
-    assert recipe.load_state(learners["foreach"], recipe.save_state(learners["fastai"], 1)) == 1
-    assert isinstance(learners["foreach"].opt, ForeachAdam)
