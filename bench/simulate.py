@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH, record, table  # noqa: E402
 
 from tune_sota import simulator as sim  # noqa: E402
-from tune_sota.config import load_space  # noqa: E402
+from tune_sota.config import UserError  # noqa: E402
 
 DEFAULT_METHODS = "random,tune_sota,tpe,random+asha,tpe+ray-asha,ray-optuna+asha"
 TARGET = 0.01  # "within 1 point"
@@ -289,8 +289,10 @@ def main(argv=None) -> int:
         if not Path(args.table).is_file():
             sys.exit(f"simulate.py: no table at {args.table}; record one with bench/record_curves.py, or give "
                      f"--synthetic N for a dry run on a made-up table")
-        space = load_space(args.space or str(Path(args.table).parent / "space.yaml"))
-        frame = pd.read_csv(args.table, dtype={"trial_id": str, "replicate_of": str, "resize": str})
+        try:  # the loader tests/test_simulator.py checks the committed table with
+            space, frame = sim.load_table(args.table, args.space)
+        except UserError as e:
+            sys.exit(f"simulate.py: {e}")
         where = Path(args.table).resolve()
         source = str(where.relative_to(BENCH.parent) if where.is_relative_to(BENCH.parent) else where)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
