@@ -5,6 +5,7 @@ the winner exported beside best.yaml."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -118,9 +119,9 @@ def test_one_budget_per_search_whatever_ray_pickles(tmp_path):
 
     from ray.tune.schedulers import FIFOScheduler
 
-    from tune_sota import budget
+    from tune_sota import budget, runstate
 
-    state = str(tmp_path / "budget.json")
+    state = runstate.state_file(tmp_path, "budget.json")
     b = budget.TimeBudget(FIFOScheduler(), 3600, state)
     stop = budget.BudgetStop(b)
     b.used, b.spent_after = 4000.0, 3600.0
@@ -132,6 +133,16 @@ def test_one_budget_per_search_whatever_ray_pickles(tmp_path):
     again = pickle.loads(blob)
     assert again is not b and again.used == 4000.0 and again.spent_after == 3600.0 and again.out_of_time == {"t1"}
     assert budget.live(state) is again and pickle.loads(pickle.dumps(stop)).budget is again
+    # a budget pickled by a search from before state/ existed, its file at the top: it moves into state/
+    legacy = tmp_path / "old" / "budget.json"
+    legacy.parent.mkdir()
+    Path(state).replace(legacy)
+    b.state_file = str(legacy)
+    blob = pickle.dumps(b)
+    budget._LIVE.clear()
+    moved = pickle.loads(blob)
+    assert moved.state_file == runstate.state_file(legacy.parent, "budget.json") and moved.used == 4000.0
+    assert not legacy.exists() and Path(moved.state_file).is_file()
 
 
 def test_a_spent_budget_stops_a_trial_at_the_end_of_its_epoch_but_not_one_that_has_ended(tmp_path):

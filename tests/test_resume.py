@@ -35,7 +35,7 @@ def _rungs(folder: Path) -> dict:
     """ASHA's rung records as the search saved them (scheduler.json): {share: {trial: accuracy}}, the share
     keys only (the file also holds each trial's schedule shape, `groups`, and the epoch it was judged at,
     `judged_at`)."""
-    f = folder / "scheduler.json"
+    f = folder / "state" / "scheduler.json"
     saved = json.loads(f.read_text()) if f.is_file() else {}
     return {k: v for k, v in saved.items() if k not in ("groups", "judged_at")}
 
@@ -89,7 +89,14 @@ def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, 
     trials, history = load_trials(folder), load_history(folder)
     assert len(trials) == 4 and set(trials.status) <= {"completed", "stopped"}, trials
     assert trials.lr.is_unique, "a resumed search ran a config again"
-    for trial_id in interrupted.trial_id:  # went on from its checkpoint, not from epoch 1
+    # A trial judged at the rung in the instant Ctrl-C came may have been stopped there, Ray not yet having
+    # saved that: it is `interrupted` in the cut table, `stopped` at the rung (epoch 3) after the resume, and
+    # trains no more. Every other interrupted trial went on from its checkpoint, not from epoch 1.
+    final = trials.set_index("trial_id")
+    at_cut = [t for t in interrupted.trial_id if final.status[t] == "stopped" and final.epochs_run[t] == 3]
+    went_on = [t for t in interrupted.trial_id if t not in at_cut]
+    assert went_on, (cut, trials)  # the trial judged first went on, and Ctrl-C stopped it at its next checkpoint
+    for trial_id in went_on:
         h = history[history.trial_id == trial_id]
         assert h.epoch.is_unique and (h.start_epoch > 0).any(), h
     # ASHA's rung records came back: what was recorded before Ctrl-C is still there, unchanged (a trial that
@@ -99,7 +106,7 @@ def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, 
     assert rungs_before["0.5"].items() <= rungs["0.5"].items(), (rungs_before, rungs)
     half = rungs["0.5"]
     assert set(half) == set(trials.trial_id), half  # every trial reached epoch 3 of 6 and was judged there
-    judged_at = json.loads((folder / "scheduler.json").read_text())["judged_at"]
+    judged_at = json.loads((folder / "state" / "scheduler.json").read_text())["judged_at"]
     status = trials.set_index("trial_id").status
     seen = []
     for trial_id, value in half.items():  # in the order ASHA judged them: below the median so far is stopped
@@ -111,7 +118,8 @@ def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, 
     for _, t in stopped.iterrows():
         assert t.epochs_run == 3 and half[t.trial_id] < max(half.values()), t
     counters = [int(n) for n in re.findall(r"\[(\d+)/4\]", resumed.stdout)]
-    assert counters and counters[0] == ended_before + 1 and counters[-1] == 4, resumed.stdout[-3000:]
+    assert counters and counters[0] in (ended_before + 1, ended_before + 1 + len(at_cut)) and counters[-1] == 4, \
+        resumed.stdout[-3000:]
     assert yaml.safe_load((folder / "run.yaml").read_text())["status"] == "finished"
     assert (folder / "best.yaml").is_file() and "disk:" in resumed.stdout
 

@@ -189,6 +189,24 @@ def test_a_scheduler_pickled_before_final_size_existed_still_decides():
     assert old.decide("a", 2, 4, 0.5, at_final_size=False) == "CONTINUE" and "a" in old.records[0.5]
 
 
+def test_a_scheduler_pickled_with_its_file_at_the_top_moves_it_into_state(tmp_path):
+    """Ray's restore copies the top's *.json into its staging folder and writes them back over the originals at
+    each sync, so the rung records live in state/; a scheduler pickled by an older search, its file at the top,
+    takes it there and goes on from it."""
+    from tune_sota import runstate
+
+    s = ScheduleASHA(shares=[0.5], reduction_factor=2, metric="accuracy", mode="max",
+                     state_file=str(tmp_path / "scheduler.json"))
+    s.decide("a", 2, 4, 0.8)
+    assert (tmp_path / "scheduler.json").is_file()
+    again = pickle.loads(pickle.dumps(s))
+    assert again.state_file == runstate.state_file(tmp_path, "scheduler.json") == str(tmp_path / "state" /
+                                                                                    "scheduler.json")
+    assert again.records[0.5] == {"a": 0.8} and not (tmp_path / "scheduler.json").exists()
+    again.decide("b", 2, 4, 0.9)
+    assert set(pickle.loads(pickle.dumps(again)).records[0.5]) == {"a", "b"}
+
+
 def test_trials_checkpoint_where_a_waiting_rung_judges_them():
     """With `final_size_rungs` a 16>32 trial of 8 epochs is judged at epoch 5 (its first at 32 px), not 4."""
     from tune_sota.config import Config
@@ -241,7 +259,7 @@ def test_a_real_search_waits_for_the_final_size_and_judges_there(tmp_path, image
     run = cli("search", "--space", space, "--results", tmp_path / "results")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     folder = tmp_path / "results" / "nosize"
-    rungs = json.loads((folder / "scheduler.json").read_text())
+    rungs = json.loads((folder / "state" / "scheduler.json").read_text())
     history = pd.read_csv(folder / "history.csv", dtype={"trial_id": str})
     assert sorted(rungs["judged_at"]) == sorted(history.trial_id.unique()) and len(rungs["judged_at"]) == 2
     for trial_id, epoch in rungs["judged_at"].items():

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow
 def test_search_writes_results_and_summary(searched):
     folder, run = searched
     for name in ("best.yaml", "trials.csv", "history.csv", "study.db", "confirm.csv", "space.yaml", "run.yaml",
-                 "scheduler.json"):
+                 "state/scheduler.json"):
         assert (folder / name).is_file(), name
+    assert not (folder / "scheduler.json").exists(), "state files stay out of the top, which Ray's restore copies"
     assert "stopped early by ASHA" in run.stdout and "judged on a 20% holdout of train/" in run.stdout
     assert "confirmed on val/ over 2 seed(s)" in run.stdout and "with TTA" in run.stdout
     assert "baseline (chapter 7's plain recipe" in run.stdout and "gain: " in run.stdout

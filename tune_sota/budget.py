@@ -18,8 +18,8 @@ One budget per search, whatever Ray pickles: Ray keeps the scheduler in `tuner.p
 experiment state, and the searcher holds `is_spent`; unpickled separately they would be three clocks
 (a resumed search granted a fresh budget, a stopper waiting on trials that had long ended). So a
 `TimeBudget` unpickles to the one live budget of its state file in this process, and its clock and
-what it stopped are kept in `results/NAME/budget.json` (as the scheduler's rungs are in
-`scheduler.json`): a resumed search goes on with what was left.
+what it stopped are kept in `results/NAME/state/budget.json` (as the scheduler's rungs are in
+`state/scheduler.json`): a resumed search goes on with what was left.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.stopper import Stopper
 
+from tune_sota import runstate
 from tune_sota.config import (
     parse_duration,  # noqa: F401  (the budget's format lives with the schema)
     write_atomic,
@@ -48,7 +49,9 @@ def live(state_file: str) -> TimeBudget | None:
 
 
 def _revive(inner: TrialScheduler, seconds: float, state_file: str) -> TimeBudget:
-    """Unpickling: the live budget of `state_file` if this process has one, else one read back from it."""
+    """Unpickling: the live budget of `state_file` if this process has one, else one read back from it (a
+    budget pickled before `state/` existed reads and writes its file there: runstate.relocated)."""
+    state_file = runstate.relocated(state_file)
     return _LIVE.get(state_file) or TimeBudget(inner, seconds, state_file)
 
 

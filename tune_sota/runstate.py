@@ -8,6 +8,12 @@ cut off mid-epoch go back to their last checkpoint. A third Ctrl-C raises Keyboa
 `interrupted`, nothing is exported, and `search.run` raises `SearchInterrupted`, which the CLI turns
 into one line with the command that resumes the search and exit code 130 (SIGINT) or 143 (SIGTERM).
 
+State files. ASHA's rung records and the time budget's clock live in `results/NAME/state/`, not beside
+`run.yaml`: when the results folder is also Ray's experiment folder (the default storage), `Tuner.restore`
+copies every `*.json` and `*.pkl` at its top into Ray's staging folder and writes those copies back over the
+originals at each of its syncs, so a resumed search's own `scheduler.json` kept being replaced by the one
+it was resumed from. Ray reads only the top of the folder.
+
 Finding. A search's `run.yaml` records its space and its `status`: `running` from the start (so a
 killed driver leaves `running`), `interrupted`, or `finished` once its results are exported. A finished
 search is never resumed; `--resume` without a name takes the one unfinished search of the space.
@@ -292,6 +298,27 @@ def command(name: str, results_root, address: str | None = None) -> str:
     if address:
         parts += ["--address", address]
     return shlex.join(parts)
+
+
+STATE_DIR = "state"  # beside run.yaml: the search's own state files, out of the reach of Ray's restore
+
+
+def state_file(results_dir, name: str) -> str:
+    """Where a search keeps its state file `name` (`scheduler.json`, `budget.json`): `results/NAME/state/`."""
+    return str(Path(results_dir) / STATE_DIR / name)
+
+
+def relocated(path: str) -> str:
+    """A state file's path as a search started before `state/` existed recorded it (Ray pickles the scheduler
+    with it): the file moved into `state/`, and that path, so a resumed search reads and writes it there."""
+    path = Path(path)
+    if path.parent.name == STATE_DIR:
+        return str(path)
+    new = path.parent / STATE_DIR / path.name
+    if path.is_file() and not new.exists():
+        new.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(new)
+    return str(new)
 
 
 def mark(results_dir: Path, status: str) -> None:

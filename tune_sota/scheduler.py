@@ -31,7 +31,8 @@ side of the rungs. On the flat part a high learning rate looks worse than it end
 one_cycle rungs avoid by sitting past the peak: the recorded-curves simulator (bench/) measures it.
 
 The rung records are the scheduler's whole state; Ray does not save a scheduler with the experiment,
-so they are written to a JSON file beside the search and read back on resume: a resumed search makes
+so they are written to a JSON file in the search's `state/` folder (runstate.py says why not beside it)
+and read back on resume: a resumed search makes
 the same decisions the uninterrupted one would have.
 """
 
@@ -44,6 +45,7 @@ from pathlib import Path
 import numpy as np
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from tune_sota import runstate
 from tune_sota.config import Config, write_atomic
 from tune_sota.schedule import rung_shares
 
@@ -72,6 +74,8 @@ class ScheduleASHA(FIFOScheduler):
 
     def __setstate__(self, state):  # unpickled by Tuner.restore: take up the saved rung records
         self.__dict__.update({"judged_at": {}, **state})  # a scheduler pickled before judged_at existed
+        if self.state_file:  # one pickled before state/ existed: its file moves there (runstate.state_file)
+            self.state_file = runstate.relocated(self.state_file)
         self._load()
 
     def set_search_properties(self, metric, mode, **spec) -> bool:

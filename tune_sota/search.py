@@ -192,7 +192,7 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
         if resume and tune.Tuner.can_restore(f"{storage.rstrip('/')}/{name}"):  # else stopped before Ray saved
             tuner = tune.Tuner.restore(f"{storage.rstrip('/')}/{name}", trainable=fn, resume_unfinished=True,
                                        resume_errored=True)
-            time_budget = budget.live(str(results_dir / "budget.json"))  # unpickled with the tuner, if any
+            time_budget = budget.live(runstate.state_file(results_dir, "budget.json"))  # unpickled with the tuner
         else:
             tc = tune_config(space, name, results_dir)
             if first and isinstance(tc.search_alg, searcher.StudySearcher):
@@ -331,9 +331,10 @@ def tune_config(space: Space, name: str, results_dir: Path) -> tune.TuneConfig:
     s = space.search
     early = scheduler.make_scheduler(s.scheduler, grace=s.grace,
                                      reduction_factor=s.reduction_factor, max_epochs=max_epochs(space),
-                                     state_file=str(results_dir / "scheduler.json"), final_size=s.final_size_rungs)
+                                     state_file=runstate.state_file(results_dir, "scheduler.json"),
+                                     final_size=s.final_size_rungs)
     if s.time_budget:  # no new trial once spent; running ones stop at the end of their epoch (budget.py)
-        early = budget.TimeBudget(early, parse_duration(s.time_budget), str(results_dir / "budget.json"))
+        early = budget.TimeBudget(early, parse_duration(s.time_budget), runstate.state_file(results_dir, "budget.json"))
     return tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(space, name, results_dir),
                            scheduler=early, num_samples=s.num_samples,
                            max_concurrent_trials=s.max_concurrent or None, trial_dirname_creator=trial_dirname,
