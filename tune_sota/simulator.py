@@ -362,6 +362,9 @@ class Method:
     startup: int = SHIPPED.startup_trials
     shares: tuple = ()
     final_size: bool = SHIPPED.final_size_rungs  # progressive-resizing trials judged only at their final size
+    priors: str = SHIPPED.priors  # search.priors: off, or pibo (priors.PriorSampler) on the space's priors
+    prior_options: tuple = ()  # (name, value) pairs for PriorSampler: beta, mix, candidates
+    wrong: bool = False  # the priors replaced by the worst corner of the space (worst_corner)
 
     def label(self) -> str:
         """The method in `search:` terms."""
@@ -375,6 +378,10 @@ class Method:
                 (" final size" if self.final_size else "")
         searcher = f"{self.searcher} ({self.startup} start-up)" if self.searcher in ("tpe", "gp", "ray-optuna") \
             else self.searcher
+        if self.priors != "off":
+            opts = ", ".join(f"{k} {v:g}" for k, v in self.prior_options)
+            searcher += f", priors {self.priors}{f' ({opts})' if opts else ''}" + (" WRONG: the worst corner" if
+                                                                                  self.wrong else "")
         return f"{sched} / {searcher}"
 
 
@@ -387,7 +394,38 @@ METHODS = {
     "ray-optuna+asha": Method("ray-optuna", "asha"),  # TPE told ASHA's stops as complete (Ray's OptunaSearch)
     "gp+asha": Method("gp", "asha"),
     "oracle": Method("oracle", "fifo"),
+    # issue 26: the space's priors (priors.py), and the same with the worst corner of the space declared instead
+    "priors": Method(SHIPPED.searcher, SHIPPED.scheduler, priors="pibo"),
+    "priors-wrong": Method(SHIPPED.searcher, SHIPPED.scheduler, priors="pibo", wrong=True),
+    "priors-mix1": Method(SHIPPED.searcher, SHIPPED.scheduler, priors="pibo", prior_options=(("mix", 1.0),)),
+    "priors-mix1-wrong": Method(SHIPPED.searcher, SHIPPED.scheduler, priors="pibo", prior_options=(("mix", 1.0),),
+                                wrong=True),
+    "priors-beta0": Method(SHIPPED.searcher, SHIPPED.scheduler, priors="pibo", prior_options=(("beta", 0.0),)),
+    "priors-beta0-wrong": Method(SHIPPED.searcher, SHIPPED.scheduler, priors="pibo", prior_options=(("beta", 0.0),),
+                                 wrong=True),
 }
+
+
+def worst_corner(model: Surrogate, limit: int = 20000) -> dict:
+    """The corner of the space the surrogate rates worst: each number at an end of its range, each choice
+    any of its options (a random `limit` of the corners where there are more): the deliberately wrong
+    prior."""
+    options = [[d.args[0], d.args[1]] if d.kind != "choice" else list(d.args) for d in model.space.searched.values()]
+    keys = list(model.space.searched)
+    if math.prod(len(o) for o in options) <= limit:
+        corners = [dict(zip(keys, c)) for c in itertools.product(*options)]
+    else:
+        rng = np.random.default_rng(0)
+        corners = [{k: o[int(rng.integers(len(o)))] for k, o in zip(keys, options)} for _ in range(limit)]
+    return corners[int(np.argmin(model.values(corners)))]
+
+
+def with_priors(space: Space, picks: dict) -> dict[str, Dist]:
+    """The space's distributions with `picks` as their priors (at each key's own confidence, medium where
+    it declared none)."""
+    import dataclasses
+
+    return {k: dataclasses.replace(d, prior=picks[k]) if k in picks else d for k, d in space.searched.items()}
 
 
 class OracleSearcher:
@@ -423,7 +461,13 @@ def make_searcher(method: Method, space: Space, seed: int, model: Surrogate):
                             mode=MODE, sampler=searcher.sampler("tpe", seed, method.startup))
     s = searcher.StudySearcher(space.searched, storage=optuna.storages.InMemoryStorage(), study_name="sim",
                                metric=METRIC, mode=MODE, kind=method.searcher if method.searcher in ("random", "gp")
-                               else "tpe", seed=seed, startup_trials=method.startup)
+                               else "tpe", seed=seed, startup_trials=method.startup, priors=method.priors)
+    if method.wrong:  # the worst corner declared as the experts' pick, for the keys the space gives priors
+        corner = getattr(model, "worst_corner", None) or worst_corner(model)
+        model.worst_corner = corner  # (bench/simulate.py sets it before its workers fork)
+        keys = [k for k, d in space.searched.items() if d.prior is not None] or list(space.searched)
+        s.space = with_priors(space, {k: corner[k] for k in keys})
+    s.prior_options = dict(method.prior_options)
     return s
 
 
