@@ -302,6 +302,9 @@ def main(argv=None) -> int:
                          "sampler), one knob at a time")
     ap.add_argument("--validation", default=str(BENCH / "curves" / "validation.csv"),
                     help="real searches' chosen val/ accuracies (bench/validate_sim.py) to put beside the simulated")
+    ap.add_argument("--budget-only", action="store_true",
+                    help="run each search only to its trial budget (no run-on; the compute columns and the ratio "
+                         "line then say little): the regret at the budget, seed by seed, in a fraction of the time")
     ap.add_argument("--against", default="", help="also compare each method seed by seed with these (comma-separated "
                     "methods, e.g. tune_sota: the same search without priors), in a table of their own")
     ap.add_argument("--processes", type=int, default=2)
@@ -345,10 +348,12 @@ def main(argv=None) -> int:
              f"schedule {'/'.join(f'{x:.4f}' for x in noise.get('epoch_thirds', [noise['epoch']] * 3))}, val/ "
              f"{noise['val']:.4f}; val/ = the curve's end + {MODEL.offset:+.4f}; best predicted val/ accuracy in "
              f"the space {MODEL.best:.4f}",
-             f"- {args.seeds} searcher seeds from {args.first_seed} per method and setting; the first setting's "
-             f"searches run on to {args.extend:g}x the compute of their trials, the others' to "
-             f"{min(args.extend, SWEEP_EXTEND):g}x (one trial: {MODEL.trial_seconds:,.0f} trial-seconds, the "
-             f"mean of a random proposal run to its end); compute is simulated trial-seconds (the table's CPU "
+             f"- {args.seeds} searcher seeds from {args.first_seed} per method and setting; " + (
+                 "each search runs to its trial budget only (--budget-only: the compute columns and the ratio line "
+                 "say little)" if args.budget_only else f"the first setting's searches run on to {args.extend:g}x the "
+                 f"compute of their trials, the others' to {min(args.extend, SWEEP_EXTEND):g}x") +
+             f" (one trial: {MODEL.trial_seconds:,.0f} trial-seconds, the mean of a random proposal run to its "
+             f"end); compute is simulated trial-seconds (the table's CPU "
              f"seconds per epoch); "
              f"regret is in points of val/ accuracy below the best in the space"]
     if getattr(MODEL, "worst_corner", None):
@@ -373,7 +378,7 @@ def main(argv=None) -> int:
                 n * times * MODEL.trial_seconds)
 
     jobs = [job("method", f"{n}x{w}", name, sim.METHODS[name], s, n, w,
-                args.extend if i == 0 else min(args.extend, SWEEP_EXTEND))
+                None if args.budget_only else args.extend if i == 0 else min(args.extend, SWEEP_EXTEND))
             for i, (n, w) in enumerate(settings) for name in methods for s in seeds]
     shares = [float(v) for v in args.rungs.split(",") if v.strip()]
     n0, w0 = settings[0]
@@ -421,7 +426,7 @@ def main(argv=None) -> int:
         anytime_figure(r, methods, f"{n} trials, {w} workers: IQM regret over {args.seeds} seeds, 95% bands", fig)
         shown = fig.relative_to(BENCH.parent) if fig.is_relative_to(BENCH.parent) else fig
         body.append(f"**{n} trials, {w} workers** (figure: {shown})\n\n{text}")
-        if ratio is None and "tune_sota" in to_target and "random" in to_target:
+        if ratio is None and "tune_sota" in to_target and "random" in to_target and not args.budget_only:
             ratio = (n, w, sim.ratio_interval(to_target["tune_sota"], to_target["random"]))
             censored = never
             ratio_cap = cap

@@ -46,7 +46,7 @@ def test_priors_parse_beside_their_distribution_and_round_trip():
     ({"lr": {"loguniform": [1e-3, 1e-2], "prior": 3e-3, "confidence": 1.5}},
      "lr: confidence 1.5 is not allowed; must be a number in (0, 1)"),
     ({"lr": {"loguniform": [1e-3, 1e-2], "priorr": 3e-3}}, "lr: a distribution is one key"),
-    ({"search": {"priors": "yes"}}, "search.priors: 'yes' is not allowed; must be one of off, pibo"),
+    ({"search": {"priors": "yes"}}, "search.priors: 'yes' is not allowed; must be one of off, first, pibo"),
 ])
 def test_a_bad_prior_names_key_and_allowed(raw, expected):
     with pytest.raises(ConfigError) as e:
@@ -134,6 +134,12 @@ def test_the_searcher_uses_the_spaces_priors_only_when_asked(tmp_path):
     assert first["lr"] == 1e-2 and first["opt"] == "b" and 0 <= first["wd"] <= 1
     assert off.suggest("a")["lr"] != 1e-2
     assert {t.state for t in on.study.trials} == {TrialState.RUNNING}
+    # 'first': the experts' pick first, then exactly what the search would have proposed without priors
+    first = StudySearcher(space, storage=study_url(tmp_path, ""), study_name="first", metric="accuracy",
+                          mode="max", seed=0, startup_trials=4, priors="first")
+    pick = first.suggest("a")
+    assert (pick["lr"], pick["opt"]) == (1e-2, "b")
+    assert [first.suggest(t) for t in "bc"] == [off.suggest(t) for t in "bc"]
 
 
 def test_a_wrong_prior_is_the_worst_corner_and_reaches_the_simulated_searcher():

@@ -227,7 +227,7 @@ class Config:
 
 SCHEDULERS = ("asha", "fifo", "ray-asha")  # tune_sota.scheduler.make_scheduler builds them
 SEARCHERS = ("tpe", "gp", "random", "ray-optuna")  # search.make_searcher builds them
-PRIOR_MODES = ("off", "pibo")  # priors.prior_sampler builds them
+PRIOR_MODES = ("off", "first", "pibo")  # priors.prior_sampler builds them
 
 
 @dataclass(frozen=True)
@@ -253,8 +253,9 @@ class SearchSettings:
     seed: int = _opt(0, "seed of Optuna's sampler", _at_least(0))
     startup_trials: int = _opt(4, "trials Optuna samples at random before TPE models the results", _at_least(1))
     priors: str = _opt("off", "what the search makes of the space's priors (prior: and confidence: beside a "
-                       "distribution): 'off' ignores them; 'pibo' starts from the experts' pick, draws the start-up "
-                       "trials from the priors and weights TPE's proposals by them, less with each trial (priors.py)",
+                       "distribution): 'off' ignores them; 'first' makes the experts' pick the first trial; 'pibo' "
+                       "also draws a quarter of the start-up trials from the priors, then a share startup/(4n), and "
+                       "weights TPE's proposals by prior^(1/n) (priors.py)",
                        _one_of(*PRIOR_MODES))
     storage: str = _opt("", "Optuna storage of the study: '' = results/NAME/study.db (SQLite), or a database URL "
                         "(postgresql://..., mysql://...) to share it")

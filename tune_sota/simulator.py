@@ -362,9 +362,10 @@ class Method:
     startup: int = SHIPPED.startup_trials
     shares: tuple = ()
     final_size: bool = SHIPPED.final_size_rungs  # progressive-resizing trials judged only at their final size
-    priors: str = SHIPPED.priors  # search.priors: off, or pibo (priors.PriorSampler) on the space's priors
+    priors: str = SHIPPED.priors  # search.priors: off, first or pibo (priors.PriorSampler) on the space's priors
     prior_options: tuple = ()  # (name, value) pairs for PriorSampler: beta, mix, candidates
     wrong: bool = False  # the priors replaced by the worst corner of the space (worst_corner)
+    right: bool = False  # the priors replaced by the surrogate's best config: what a prior could win at most
 
     def label(self) -> str:
         """The method in `search:` terms."""
@@ -381,8 +382,14 @@ class Method:
         if self.priors != "off":
             opts = ", ".join(f"{k} {v:g}" for k, v in self.prior_options)
             searcher += f", priors {self.priors}{f' ({opts})' if opts else ''}" + (" WRONG: the worst corner" if
-                                                                                  self.wrong else "")
+                                                                                  self.wrong else "") + \
+                (" RIGHT: the best config" if self.right else "")
         return f"{sched} / {searcher}"
+
+
+def _prior(mode: str, **kw) -> Method:
+    """The shipped method with `search.priors: mode`."""
+    return Method(SHIPPED.searcher, SHIPPED.scheduler, priors=mode, **kw)
 
 
 METHODS = {
@@ -394,15 +401,18 @@ METHODS = {
     "ray-optuna+asha": Method("ray-optuna", "asha"),  # TPE told ASHA's stops as complete (Ray's OptunaSearch)
     "gp+asha": Method("gp", "asha"),
     "oracle": Method("oracle", "fifo"),
-    # issue 26: the space's priors (priors.py), and the same with the worst corner of the space declared instead
-    "priors": Method(SHIPPED.searcher, SHIPPED.scheduler, priors="pibo"),
-    "priors-wrong": Method(SHIPPED.searcher, SHIPPED.scheduler, priors="pibo", wrong=True),
-    "priors-mix1": Method(SHIPPED.searcher, SHIPPED.scheduler, priors="pibo", prior_options=(("mix", 1.0),)),
-    "priors-mix1-wrong": Method(SHIPPED.searcher, SHIPPED.scheduler, priors="pibo", prior_options=(("mix", 1.0),),
-                                wrong=True),
-    "priors-beta0": Method(SHIPPED.searcher, SHIPPED.scheduler, priors="pibo", prior_options=(("beta", 0.0),)),
-    "priors-beta0-wrong": Method(SHIPPED.searcher, SHIPPED.scheduler, priors="pibo", prior_options=(("beta", 0.0),),
-                                 wrong=True),
+    # issue 26: the space's priors (priors.py) as declared, with the worst corner of the space declared instead
+    # (-wrong), and with the surrogate's best config declared (-right: what a prior could win at most)
+    "priors": _prior("pibo"),
+    "priors-wrong": _prior("pibo", wrong=True),
+    "priors-right": _prior("pibo", right=True),
+    "priors-first": _prior("first"),  # only the experts' pick, as the first trial
+    "priors-first-wrong": _prior("first", wrong=True),
+    "priors-first-right": _prior("first", right=True),
+    "priors-mix0.5-beta2": _prior("pibo", prior_options=(("mix", 0.5), ("beta", 2.0))),
+    "priors-mix0.5-beta2-wrong": _prior("pibo", prior_options=(("mix", 0.5), ("beta", 2.0)), wrong=True),
+    "priors-beta0": _prior("pibo", prior_options=(("mix", 0.5), ("beta", 0.0))),
+    "priors-beta0-wrong": _prior("pibo", prior_options=(("mix", 0.5), ("beta", 0.0)), wrong=True),
 }
 
 
@@ -462,11 +472,13 @@ def make_searcher(method: Method, space: Space, seed: int, model: Surrogate):
     s = searcher.StudySearcher(space.searched, storage=optuna.storages.InMemoryStorage(), study_name="sim",
                                metric=METRIC, mode=MODE, kind=method.searcher if method.searcher in ("random", "gp")
                                else "tpe", seed=seed, startup_trials=method.startup, priors=method.priors)
-    if method.wrong:  # the worst corner declared as the experts' pick, for the keys the space gives priors
+    if method.wrong or method.right:  # the worst corner (or the best config) declared as the experts' pick, for
+        # the keys the space gives priors
         corner = getattr(model, "worst_corner", None) or worst_corner(model)
         model.worst_corner = corner  # (bench/simulate.py sets it before its workers fork)
+        pick = corner if method.wrong else model.ranked[0]
         keys = [k for k, d in space.searched.items() if d.prior is not None] or list(space.searched)
-        s.space = with_priors(space, {k: corner[k] for k in keys})
+        s.space = with_priors(space, {k: pick[k] for k in keys})
     s.prior_options = dict(method.prior_options)
     return s
 
