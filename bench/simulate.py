@@ -127,6 +127,32 @@ def method_table(res: pd.DataFrame, methods: list[str], budget: int, label=None,
     return table(head, rows), to_target, cap, never, figures
 
 
+def paired_table(res: pd.DataFrame, methods: list[str], budget: int, ref: str) -> tuple[str, dict]:
+    """Each method's regret minus `ref`'s, seed by seed, at the budget and at random's compute (`--against`):
+    a prior against the same search without one, a wrong prior against none. Last, the figures for `--json`."""
+    base = res[res.method == "random"].compute.median() if "random" in set(res.method) else math.inf
+
+    def by_seed(name):
+        r = res[res.method == name].sort_values("seed")
+        return r.seed.to_numpy(), 100 * r.regret.to_numpy(), \
+            np.array([100 * sim.Run(x.events).regret_at(np.array([base]))[0] for x in r.itertuples()])
+
+    seeds, at_budget, at_eq = by_seed(ref)
+    rows, figures = [], {}
+    for name in methods:
+        s, b, e = by_seed(name)
+        if name == ref or not np.array_equal(s, seeds):
+            continue
+        pb, pe = sim.paired_interval(b, at_budget), sim.paired_interval(e, at_eq)
+        wins = float(np.mean(b < at_budget - 1e-9)), float(np.mean(b > at_budget + 1e-9))
+        rows.append([name, _pts(pb), _pts(pe), f"{wins[0]:.0%} / {wins[1]:.0%}"])
+        figures[name] = {"at_budget": _triple(pb, "mean"), "at_random_compute": _triple(pe, "mean"),
+                         "seeds": [int(x) for x in seeds]}
+    return table(["method", f"minus {ref}, same seeds: at {budget} trials (mean [95%], points)",
+                  "at random's compute (mean [95%])", f"seeds better / worse than {ref} at {budget} trials"],
+                 rows), figures
+
+
 def _triple(v: tuple[float, float, float], centre: str = "iqm") -> dict:
     """A (value, low, high) figure as JSON: infinite (never) as null."""
     return {k: (float(x) if math.isfinite(x) else None) for k, x in zip((centre, "low", "high"), v)}
@@ -276,6 +302,11 @@ def main(argv=None) -> int:
                          "sampler), one knob at a time")
     ap.add_argument("--validation", default=str(BENCH / "curves" / "validation.csv"),
                     help="real searches' chosen val/ accuracies (bench/validate_sim.py) to put beside the simulated")
+    ap.add_argument("--budget-only", action="store_true",
+                    help="run each search only to its trial budget (no run-on; the compute columns and the ratio "
+                         "line then say little): the regret at the budget, seed by seed, in a fraction of the time")
+    ap.add_argument("--against", default="", help="also compare each method seed by seed with these (comma-separated "
+                    "methods, e.g. tune_sota: the same search without priors), in a table of their own")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--out", default=str(BENCH / "curves" / "sim"), help="where the figures go")
     ap.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
@@ -307,6 +338,8 @@ def main(argv=None) -> int:
     n_rep = int((trials_n.replicate_of.fillna("") != "").sum()) if "replicate_of" in trials_n else 0
     global MODEL
     MODEL = sim.Surrogate(frame, space, seed=0)
+    if any(sim.METHODS[m].wrong for m in methods):  # computed once, before the workers fork
+        MODEL.worst_corner = sim.worst_corner(MODEL)
     rho, n_held = sim.heldout_spearman(frame, space)
     noise = MODEL.noise
     lines = [f"- table: {source}; {len(trials_n) - n_rep} trials and {n_rep} seed replicates, {len(frame)} epoch "
@@ -317,12 +350,24 @@ def main(argv=None) -> int:
              f"schedule {'/'.join(f'{x:.4f}' for x in noise.get('epoch_thirds', [noise['epoch']] * 3))}, val/ "
              f"{noise['val']:.4f}; val/ = the curve's end + {MODEL.offset:+.4f}; best predicted val/ accuracy in "
              f"the space {MODEL.best:.4f}",
-             f"- {args.seeds} searcher seeds from {args.first_seed} per method and setting; the first setting's "
-             f"searches run on to {args.extend:g}x the compute of their trials, the others' to "
-             f"{min(args.extend, SWEEP_EXTEND):g}x (one trial: {MODEL.trial_seconds:,.0f} trial-seconds, the "
-             f"mean of a random proposal run to its end); compute is simulated trial-seconds (the table's CPU "
+             f"- {args.seeds} searcher seeds from {args.first_seed} per method and setting; " + (
+                 "each search runs to its trial budget only (--budget-only: the compute columns and the ratio line "
+                 "say little)" if args.budget_only else f"the first setting's searches run on to {args.extend:g}x the "
+                 f"compute of their trials, the others' to {min(args.extend, SWEEP_EXTEND):g}x") +
+             f" (one trial: {MODEL.trial_seconds:,.0f} trial-seconds, the mean of a random proposal run to its "
+             f"end); compute is simulated trial-seconds (the table's CPU "
              f"seconds per epoch); "
              f"regret is in points of val/ accuracy below the best in the space"]
+    if getattr(MODEL, "worst_corner", None):
+        from tune_sota.priors import pick
+
+        picks = pick(space.searched)
+        wc = {k: MODEL.worst_corner[k] for k in (picks or MODEL.worst_corner)}
+        value = MODEL.values([{**MODEL.baseline(), **picks}])[0]
+        lines.append(f"- priors (the space's): {picks}, predicted val/ accuracy of the pick "
+                     f"{value:.4f}; the wrong priors ('-wrong' methods): the worst corner of the space, {wc}, "
+                     f"predicted {MODEL.values([MODEL.worst_corner])[0]:.4f}, at the "
+                     f"same confidences")
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     # the ratio's setting (the first) runs on to --extend x its compute; the others only as far as equal
     # compute needs (a 32-trial TPE search run on to 8x takes seconds per proposal late on)
@@ -335,7 +380,7 @@ def main(argv=None) -> int:
                 n * times * MODEL.trial_seconds)
 
     jobs = [job("method", f"{n}x{w}", name, sim.METHODS[name], s, n, w,
-                args.extend if i == 0 else min(args.extend, SWEEP_EXTEND))
+                None if args.budget_only else args.extend if i == 0 else min(args.extend, SWEEP_EXTEND))
             for i, (n, w) in enumerate(settings) for name in methods for s in seeds]
     shares = [float(v) for v in args.rungs.split(",") if v.strip()]
     n0, w0 = settings[0]
@@ -374,11 +419,16 @@ def main(argv=None) -> int:
         r = res[(res.kind == "method") & (res.setting == f"{n}x{w}")]
         text, to_target, cap, never, by_method = method_table(r, methods, n, ref="random")
         figures["settings"][f"{n}x{w}"] = {"methods": by_method}
+        for ref in [a.strip() for a in args.against.split(",") if a.strip() in methods]:
+            extra, by_ref = paired_table(r, methods, n, ref)
+            text += f"\n\nSeed by seed against {ref} ({n} trials, {w} workers):\n\n{extra}"
+            for name, f in by_ref.items():
+                by_method[name][f"minus_{ref}"] = f
         fig = out / f"anytime_{n}x{w}.png"
         anytime_figure(r, methods, f"{n} trials, {w} workers: IQM regret over {args.seeds} seeds, 95% bands", fig)
         shown = fig.relative_to(BENCH.parent) if fig.is_relative_to(BENCH.parent) else fig
         body.append(f"**{n} trials, {w} workers** (figure: {shown})\n\n{text}")
-        if ratio is None and "tune_sota" in to_target and "random" in to_target:
+        if ratio is None and "tune_sota" in to_target and "random" in to_target and not args.budget_only:
             ratio = (n, w, sim.ratio_interval(to_target["tune_sota"], to_target["random"]))
             censored = never
             ratio_cap = cap

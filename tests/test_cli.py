@@ -61,6 +61,10 @@ BAD_SPACES = {
     "old_score_top_is_confirm_top": ("search: {score_top: -1}\n", ["search.confirm_top: -1 is not allowed"]),
     "unknown_scheduler": ("search: {scheduler: hyperband}\n", ["scheduler: 'hyperband'", "one of asha, fifo"]),
     "not_a_mapping": ("- lr\n- epochs\n", ["a space is a mapping"]),
+    "prior_outside_range": ("lr: {loguniform: [1.0e-3, 1.0e-2], prior: 0.5}\n",
+                            ["lr: prior 0.5 is not allowed", "[0.001, 0.01]"]),
+    "prior_not_a_choice": ("mixup: {choice: [0.0, 0.2], prior: 0.4, confidence: 0.5}\n",
+                           ["mixup: prior 0.4 is not one of the choices: 0.0, 0.2"]),
 }
 
 

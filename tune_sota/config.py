@@ -227,6 +227,7 @@ class Config:
 
 SCHEDULERS = ("asha", "fifo", "ray-asha")  # tune_sota.scheduler.make_scheduler builds them
 SEARCHERS = ("tpe", "gp", "random", "ray-optuna")  # search.make_searcher builds them
+PRIOR_MODES = ("off", "first", "pibo")  # priors.prior_sampler builds them
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,11 @@ class SearchSettings:
                          "complete (no study on disk; for comparison)", _one_of(*SEARCHERS))
     seed: int = _opt(0, "seed of Optuna's sampler", _at_least(0))
     startup_trials: int = _opt(4, "trials Optuna samples at random before TPE models the results", _at_least(1))
+    priors: str = _opt("off", "what the search makes of the space's priors (prior: and confidence: beside a "
+                       "distribution): 'off' ignores them; 'first' makes the experts' pick the first trial; 'pibo' "
+                       "also draws a quarter of the start-up trials from the priors, then a share startup/(4n), and "
+                       "weights TPE's proposals by prior^(1/n) (priors.py)",
+                       _one_of(*PRIOR_MODES))
     storage: str = _opt("", "Optuna storage of the study: '' = results/NAME/study.db (SQLite), or a database URL "
                         "(postgresql://..., mysql://...) to share it")
     select_on: str = _opt("holdout", "what trials are judged on: 'holdout' (a share of train/; val/ is kept for "
@@ -278,6 +284,8 @@ class SearchSettings:
                                  _between(0, 100000))
 
 
+DEFAULT_CONFIDENCE = 0.5  # a prior given without a confidence: medium (NePS's scale: low, medium, high)
+
 # Keys of older space files: renamed ones are read under their new name, retired ones explain themselves.
 RENAMED_SEARCH_KEYS = {"score_top": "confirm_top"}
 RETIRED_SEARCH_KEYS = {
@@ -294,16 +302,23 @@ BASELINE = {"lr": 3e-3, "mixup": 0.0, "label_smoothing": 0.0, "resize": "",
 
 @dataclass(frozen=True)
 class Dist:
-    """A value to sample: `{kind: args}` in YAML."""
+    """A value to sample: `{kind: args}` in YAML, optionally with an expert's pick beside it
+    (`{loguniform: [1.0e-3, 6.0e-2], prior: 3.0e-3, confidence: 0.5}`), which `search.priors` uses."""
 
     kind: str
     args: tuple
+    prior: Any = None  # the expert's pick: a value in the range or one of the choices; None = no prior
+    confidence: float = DEFAULT_CONFIDENCE  # how sure, in (0, 1): priors.py turns it into a spread
 
     def to_yaml(self):
-        return {self.kind: list(self.args)}
+        out = {self.kind: list(self.args)}
+        if self.prior is not None:
+            out.update(prior=self.prior, confidence=self.confidence)
+        return out
 
 
 DIST_KINDS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None}
+PRIOR_KEYS = ("prior", "confidence")  # what a distribution may carry beside its one kind
 
 
 @dataclass
@@ -376,8 +391,39 @@ def check_value(f: dataclasses.Field, v, where: str):
 
 
 def _parse_dist(f: dataclasses.Field, raw: dict, where: str) -> Dist:
+    extra = {k: raw[k] for k in PRIOR_KEYS if k in raw}
+    d = _parse_kind(f, {k: v for k, v in raw.items() if k not in PRIOR_KEYS}, where)
+    return _with_prior(f, d, extra, where) if extra else d
+
+
+def _with_prior(f: dataclasses.Field, d: Dist, extra: dict, where: str) -> Dist:
+    """`d` carrying the expert's pick `extra['prior']` (checked against the range or the choices) and its
+    confidence."""
+    name = f"{where}{f.name}"
+    if "prior" not in extra or extra["prior"] is None:
+        raise ConfigError(f"{name}: confidence needs a prior beside it, e.g. {{{d.kind}: {list(d.args)}, "
+                          f"prior: {d.args[0]!r}, confidence: 0.5}}")
+    c = extra.get("confidence", DEFAULT_CONFIDENCE)
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < 1:
+        raise ConfigError(f"{name}: confidence {c!r} is not allowed; must be a number in (0, 1): 0.25 low, "
+                          f"0.5 medium, 0.75 high")
+    p = extra["prior"]
+    if d.kind == "choice":
+        match = [a for a in d.args if a == p and isinstance(a, bool) == isinstance(p, bool) or str(a) == str(p)]
+        if not match:
+            raise ConfigError(f"{name}: prior {p!r} is not one of the choices: {', '.join(map(str, d.args))}")
+        return dataclasses.replace(d, prior=match[0], confidence=float(c))
+    if d.kind == "randint" and (isinstance(p, bool) or not isinstance(p, int)):
+        raise ConfigError(f"{name}: prior {p!r} is not an integer in [{d.args[0]}, {d.args[1]}]")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not d.args[0] <= p <= d.args[1]:
+        raise ConfigError(f"{name}: prior {p!r} is not allowed; must be a number in [{d.args[0]}, {d.args[1]}]")
+    return dataclasses.replace(d, prior=p if d.kind == "randint" else float(p), confidence=float(c))
+
+
+def _parse_kind(f: dataclasses.Field, raw: dict, where: str) -> Dist:
     if len(raw) != 1:
-        raise ConfigError(f"{where}{f.name}: a distribution is one key, one of {', '.join(DIST_KINDS)}")
+        raise ConfigError(f"{where}{f.name}: a distribution is one key, one of {', '.join(DIST_KINDS)} (and "
+                          f"optionally prior: and confidence:)")
     (kind, args), = raw.items()
     if kind not in DIST_KINDS:
         raise ConfigError(f"{where}{f.name}: unknown distribution '{kind}'; use one of {', '.join(DIST_KINDS)}")
@@ -532,7 +578,8 @@ def _resolve_data(raw: dict, base: Path) -> dict:
     if isinstance(d, str) or (isinstance(d, dict) and not set(d) & set(DIST_KINDS)):
         return {**raw, "data": resolve(d)}
     if isinstance(d, dict) and isinstance(d.get("choice"), list):
-        return {**raw, "data": {"choice": [resolve(v) for v in d["choice"]]}}
+        prior = {"prior": resolve(d["prior"])} if isinstance(d.get("prior"), str) else {}
+        return {**raw, "data": {**d, "choice": [resolve(v) for v in d["choice"]], **prior}}
     return raw
 
 

@@ -323,7 +323,7 @@ def make_searcher(space: Space, name: str, results_dir: Path):
                             mode=MODE, sampler=searcher.sampler("tpe", s.seed, s.startup_trials))
     return searcher.StudySearcher(space.searched, storage=searcher.study_url(results_dir, s.storage),
                                   study_name=name, metric=METRIC, mode=MODE, kind=s.searcher, seed=s.seed,
-                                  startup_trials=s.startup_trials)
+                                  startup_trials=s.startup_trials, priors=s.priors)
 
 
 def tune_config(space: Space, name: str, results_dir: Path) -> tune.TuneConfig:

@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from tune_sota.config import Dist
+from tune_sota.priors import prior_sampler
 from tune_sota.results import study_url  # noqa: F401  (the rule lives with the results it locates)
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,11 @@ class StudySearcher(Searcher):
     """Optuna's sampler proposing trials for Ray Tune, told the truth about each trial's end."""
 
     def __init__(self, space: dict[str, Dist], *, storage: str, study_name: str, metric: str, mode: str,
-                 kind: str = "tpe", seed: int = 0, startup_trials: int = 4):
+                 kind: str = "tpe", seed: int = 0, startup_trials: int = 4, priors: str = "off"):
         super().__init__(metric=metric, mode=mode)
         self.distributions = {k: distribution(d) for k, d in space.items()}
+        self.space, self.priors = space, priors  # search.priors: what the space's priors steer (priors.py)
+        self.prior_options: dict = {}  # PriorSampler's beta, mix, candidates (the simulator's variants)
         self.storage, self.study_name = storage, study_name
         self.kind, self.seed, self.startup_trials = kind, seed, startup_trials
         self._study: optuna.Study | None = None
@@ -92,7 +95,7 @@ class StudySearcher(Searcher):
             self._storage = optuna.storages.get_storage(self.storage)
             self._study = optuna.create_study(storage=self._storage, study_name=self.study_name,
                                               direction=direction, load_if_exists=True,
-                                              sampler=sampler(self.kind, self.seed, self.startup_trials))
+                                              sampler=self._sampler(self.seed))
             for t in self._study.get_trials(deepcopy=False):
                 if RAY_ID in t.user_attrs:
                     self._numbers[t.user_attrs[RAY_ID]] = t.number
@@ -119,12 +122,16 @@ class StudySearcher(Searcher):
         # Enqueued trials (a warm start) are numbered when enqueued and taken in that order, so the next number
         # is the count of trials already asked, not of all trials.
         asked = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
-        study.sampler = sampler(self.kind, trial_seed(self.seed, asked), self.startup_trials)
+        study.sampler = self._sampler(trial_seed(self.seed, asked))
         trial = study.ask(self.distributions)
         trial.set_user_attr(RAY_ID, trial_id)
         self._numbers[trial_id] = trial.number
         self._live[trial.number] = trial
         return dict(trial.params)
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return prior_sampler(self.priors, sampler(self.kind, seed, self.startup_trials), self.space, seed=seed,
+                             startup_trials=self.startup_trials, **self.prior_options)
 
     def _trial(self, trial_id: str) -> optuna.Trial | None:
         """The running study trial of a Ray trial (re-attached through the storage after a resume)."""

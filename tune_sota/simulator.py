@@ -389,6 +389,10 @@ class Method:
     startup: int = SHIPPED.startup_trials
     shares: tuple = ()
     final_size: bool = SHIPPED.final_size_rungs  # progressive-resizing trials judged only at their final size
+    priors: str = SHIPPED.priors  # search.priors: off, first or pibo (priors.PriorSampler) on the space's priors
+    prior_options: tuple = ()  # (name, value) pairs for PriorSampler: beta, mix, candidates
+    wrong: bool = False  # the priors replaced by the worst corner of the space (worst_corner)
+    right: bool = False  # the priors replaced by the surrogate's best config: what a prior could win at most
 
     def label(self) -> str:
         """The method in `search:` terms."""
@@ -402,7 +406,17 @@ class Method:
                 (" final size" if self.final_size else "")
         searcher = f"{self.searcher} ({self.startup} start-up)" if self.searcher in ("tpe", "gp", "ray-optuna") \
             else self.searcher
+        if self.priors != "off":
+            opts = ", ".join(f"{k} {v:g}" for k, v in self.prior_options)
+            searcher += f", priors {self.priors}{f' ({opts})' if opts else ''}" + (" WRONG: the worst corner" if
+                                                                                  self.wrong else "") + \
+                (" RIGHT: the best config" if self.right else "")
         return f"{sched} / {searcher}"
+
+
+def _prior(mode: str, **kw) -> Method:
+    """The shipped method with `search.priors: mode`."""
+    return Method(SHIPPED.searcher, SHIPPED.scheduler, priors=mode, **kw)
 
 
 METHODS = {
@@ -414,7 +428,41 @@ METHODS = {
     "ray-optuna+asha": Method("ray-optuna", "asha"),  # TPE told ASHA's stops as complete (Ray's OptunaSearch)
     "gp+asha": Method("gp", "asha"),
     "oracle": Method("oracle", "fifo"),
+    # issue 26: the space's priors (priors.py) as declared, with the worst corner of the space declared instead
+    # (-wrong), and with the surrogate's best config declared (-right: what a prior could win at most)
+    "priors": _prior("pibo"),
+    "priors-wrong": _prior("pibo", wrong=True),
+    "priors-right": _prior("pibo", right=True),
+    "priors-first": _prior("first"),  # only the experts' pick, as the first trial
+    "priors-first-wrong": _prior("first", wrong=True),
+    "priors-first-right": _prior("first", right=True),
+    "priors-mix0.5-beta2": _prior("pibo", prior_options=(("mix", 0.5), ("beta", 2.0))),
+    "priors-mix0.5-beta2-wrong": _prior("pibo", prior_options=(("mix", 0.5), ("beta", 2.0)), wrong=True),
+    "priors-beta0": _prior("pibo", prior_options=(("mix", 0.5), ("beta", 0.0))),
+    "priors-beta0-wrong": _prior("pibo", prior_options=(("mix", 0.5), ("beta", 0.0)), wrong=True),
 }
+
+
+def worst_corner(model: Surrogate, limit: int = 20000) -> dict:
+    """The corner of the space the surrogate rates worst: each number at an end of its range, each choice
+    any of its options (a random `limit` of the corners where there are more): the deliberately wrong
+    prior."""
+    options = [[d.args[0], d.args[1]] if d.kind != "choice" else list(d.args) for d in model.space.searched.values()]
+    keys = list(model.space.searched)
+    if math.prod(len(o) for o in options) <= limit:
+        corners = [dict(zip(keys, c)) for c in itertools.product(*options)]
+    else:
+        rng = np.random.default_rng(0)
+        corners = [{k: o[int(rng.integers(len(o)))] for k, o in zip(keys, options)} for _ in range(limit)]
+    return corners[int(np.argmin(model.values(corners)))]
+
+
+def with_priors(space: Space, picks: dict) -> dict[str, Dist]:
+    """The space's distributions with `picks` as their priors (at each key's own confidence, medium where
+    it declared none)."""
+    import dataclasses
+
+    return {k: dataclasses.replace(d, prior=picks[k]) if k in picks else d for k, d in space.searched.items()}
 
 
 class OracleSearcher:
@@ -450,7 +498,15 @@ def make_searcher(method: Method, space: Space, seed: int, model: Surrogate):
                             mode=MODE, sampler=searcher.sampler("tpe", seed, method.startup))
     s = searcher.StudySearcher(space.searched, storage=optuna.storages.InMemoryStorage(), study_name="sim",
                                metric=METRIC, mode=MODE, kind=method.searcher if method.searcher in ("random", "gp")
-                               else "tpe", seed=seed, startup_trials=method.startup)
+                               else "tpe", seed=seed, startup_trials=method.startup, priors=method.priors)
+    if method.wrong or method.right:  # the worst corner (or the best config) declared as the experts' pick, for
+        # the keys the space gives priors
+        corner = getattr(model, "worst_corner", None) or worst_corner(model)
+        model.worst_corner = corner  # (bench/simulate.py sets it before its workers fork)
+        pick = corner if method.wrong else model.ranked[0]
+        keys = [k for k, d in space.searched.items() if d.prior is not None] or list(space.searched)
+        s.space = with_priors(space, {k: pick[k] for k in keys})
+    s.prior_options = dict(method.prior_options)
     return s
 
 
