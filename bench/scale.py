@@ -179,7 +179,7 @@ def measure(n: int, work: Path) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    fit = install_timers()
+    fit = live_fit = install_timers()
     from tune_sota import load_trials, search
     from tune_sota.config import parse_space
 
@@ -211,21 +211,50 @@ def measure(n: int, work: Path) -> dict:
     cli_s = time.perf_counter() - t
     assert cli.returncode == 0, cli.stderr[-2000:]
     page = folder / "report.html"
+    painted = paint(page, work) if page.is_file() else {}
+    fit, calls, end_s = dict(fit), dict(CALLS), {k: WALL.get(k, 0.0) for k in END_STEPS}  # before the resume adds
+    resumed = resume_finished(space, folder, live_fit, out)
     trial_s = float(trials.time_s.fillna(0).sum())
     counts = trials.status.value_counts().to_dict()
     return {
         "trials": n, "statuses": counts, "wall_s": wall, "fit_wall_s": fit["wall_s"],
         "minimal_s": trial_s / CONCURRENCY, "trial_s": trial_s,
         "driver_cpu_s": fit["process_cpu_s"], "driver_main_cpu_s": fit["main_cpu_s"],
-        "components": fit["components"], "calls": dict(CALLS),
-        "end_s": {k: WALL.get(k, 0.0) for k in END_STEPS},
+        "components": fit["components"], "calls": calls, "end_s": end_s,
         "peak_mb": peak_mb, "study_db_bytes": (folder / "study.db").stat().st_size,
         "results_bytes": folder_bytes(folder), "scheduler_json_bytes": _size(folder / "scheduler.json"),
         "progress_lines": sum(1 for _ in open(work / "progress.log")), "load_trials_s": load_s, "trials_cli_s": cli_s,
         "report_bytes": page.stat().st_size if page.is_file() else None,
-        "paint": paint(page, work) if page.is_file() else {},
+        "paint": painted, "resume": resumed,
         "machine": machine(),
     }
+
+
+def resume_finished(space, folder: Path, fit: dict, out) -> dict:
+    """Resume the finished search as if it had been interrupted after its last trial: what resuming costs at
+    this many trials (Ray's experiment, the study and ASHA's records read back), with nothing left to run;
+    and whether every trial is still there once, none added, none run again."""
+    import optuna
+
+    from tune_sota import load_trials, runstate, search
+
+    before = load_trials(folder)
+    runstate.mark(folder, runstate.INTERRUPTED)
+    fit.clear()
+    t = time.perf_counter()
+    try:
+        again = search.run(space, name=folder.name, results_root=folder.parent, resume=True, out=out,
+                           command="bench/scale.py (resumed)")
+    except Exception as e:  # noqa: BLE001  (the row keeps its other figures)
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+    total = time.perf_counter() - t
+    after = again.trials
+    study = optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder / 'study.db'}")
+    return {"total_s": total, "fit_s": fit.get("wall_s"), "trials_before": len(before), "trials_after": len(after),
+            "same_trials": sorted(before.trial_id) == sorted(after.trial_id) and after.trial_id.is_unique,
+            "same_results": bool((before.set_index("trial_id").accuracy.sort_index().round(6)
+                                  == after.set_index("trial_id").accuracy.sort_index().round(6)).all()),
+            "study_trials": len(study.trials)}
 
 
 def _size(p: Path) -> int | None:
@@ -348,6 +377,23 @@ def render(rows: dict) -> str:
                           f"{p.get('load_s', float('nan')):.2f}", f"{p.get('fcp_s', float('nan')):.2f}",
                           f"{p.get('browser_wall_s', float('nan')):.2f}", r["progress_lines"]])
         out.append(table(head2, body2))
+        head3 = ["trials", "resume: restore to end of trials s", "resume: whole command s", "trials before/after",
+                 "same trials, same results", "study trials"]
+        body3 = []
+        for r in sizes:
+            z = r.get("resume") or {}
+            if "total_s" in z:
+                body3.append([r["trials"], f"{z['fit_s']:.2f}", f"{z['total_s']:.1f}",
+                              f"{z['trials_before']}/{z['trials_after']}", z["same_trials"] and z["same_results"],
+                              z["study_trials"]])
+            elif z:
+                body3.append([r["trials"], z.get("error", "?"), "", "", "", ""])
+        if body3:
+            out.append("\nResuming the finished search as if interrupted after its last trial (run.yaml marked "
+                       "interrupted, then `search.run(resume=True)` in the same driver): what reading back Ray's "
+                       "experiment, the study and ASHA's records costs at this size; the whole command repeats the "
+                       "end steps (tables, export, report).\n")
+            out.append(table(head3, body3))
         out.append("\n`charts drawn s`: navigation to the load event in headless Chromium (plotly draws each chart "
                    "inside its inline script, so every chart is drawn by then); `browser run s`: the whole "
                    "`chromium --headless --dump-dom`, start-up included.\n")
@@ -401,6 +447,8 @@ def plot(rows: dict) -> None:
     ax.plot(n, [r["load_trials_s"] for r in sizes], "o-", label="load_trials")
     ax.plot(n, [(r.get("paint") or {}).get("load_s", float("nan")) for r in sizes], "o-",
             label="report: charts drawn in Chromium")
+    ax.plot(n, [(r.get("resume") or {}).get("fit_s", float("nan")) for r in sizes], "o-",
+            label="resume: restore to end of trials")
     ax.axhline(5, color="r", ls=":", lw=0.8)
     ax.axhline(10, color="r", ls=":", lw=0.8)
     ax.set(title="reading a finished search, s")

@@ -76,6 +76,7 @@ class StudySearcher(Searcher):
         self.kind, self.seed, self.startup_trials = kind, seed, startup_trials
         self._study: optuna.Study | None = None
         self._storage = None
+        self._sid: int | None = None  # the study's id in its storage, once loaded
         self._numbers: dict[str, int] = {}  # Ray trial id -> study trial number
         self._live: dict[int, optuna.Trial] = {}  # trials asked (or re-attached) in this process
         self.stop_when = None  # a callable: once it answers True no trial is suggested (budget.TimeBudget)
@@ -93,6 +94,7 @@ class StudySearcher(Searcher):
             self._study = optuna.create_study(storage=self._storage, study_name=self.study_name,
                                               direction=direction, load_if_exists=True,
                                               sampler=sampler(self.kind, self.seed, self.startup_trials))
+            self._sid = self._storage.get_study_id_from_name(self.study_name)
             for t in self._study.get_trials(deepcopy=False):
                 if RAY_ID in t.user_attrs:
                     self._numbers[t.user_attrs[RAY_ID]] = t.number
@@ -135,8 +137,8 @@ class StudySearcher(Searcher):
         if number not in self._live:
             if study.get_trials(deepcopy=False)[number].state != TrialState.RUNNING:
                 return None
-            sid = self._storage.get_study_id_from_name(self.study_name)
-            self._live[number] = optuna.Trial(study, self._storage.get_trial_id_from_study_id_trial_number(sid, number))
+            self._live[number] = optuna.Trial(study, self._storage.get_trial_id_from_study_id_trial_number(self._sid,
+                                                                                                         number))
         return self._live[number]
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -148,7 +150,9 @@ class StudySearcher(Searcher):
         if trial is None or result.get("error") or result.get("diverged") or self.metric not in result:
             return
         step = int(result["epoch"])
-        if step not in self.study.get_trials(deepcopy=False)[trial.number].intermediate_values:
+        # One trial read from storage, not the whole study: a per-epoch read of every trial grew with the search.
+        stored = self._storage.get_trial(self._storage.get_trial_id_from_study_id_trial_number(self._sid, trial.number))
+        if step not in stored.intermediate_values:
             trial.report(float(result[self.metric]), step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
