@@ -317,6 +317,48 @@ def measure_resume(n: int, work: Path) -> dict:
             "machine": machine()}
 
 
+# ---- the study's storage alone: SQLite against Optuna's journal file ----------------------------------
+
+
+def measure_study(n: int, work: Path) -> dict:
+    """The product's searcher (StudySearcher: TPE, ask/tell, one intermediate value per epoch) driven without
+    Ray through `n` trials, on SQLite (the default study.db) and on Optuna's JournalStorage in a local file:
+    milliseconds of suggest and of tell per trial, by block of trials, and the storage's size."""
+    import numpy as np
+    import optuna
+
+    from tune_sota.config import Dist
+    from tune_sota.searcher import StudySearcher
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {"lr": Dist("loguniform", (1e-3, 3e-2)), "epochs": Dist("randint", (1, 2)),
+             "label_smoothing": Dist("uniform", (0.0, 0.2))}
+    rng = np.random.default_rng(0)
+    block = max(1, n // 10)
+    out = {}
+    for kind in ("sqlite", "journal"):
+        path = work / ("study.db" if kind == "sqlite" else "study.log")
+        storage = (f"sqlite:///{path}" if kind == "sqlite" else
+                   optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path))))
+        s = StudySearcher(space, storage=storage, study_name="study", metric="accuracy", mode="max", seed=0,
+                          startup_trials=4)
+        suggest, tell = [], []
+        for i in range(n):
+            t = time.perf_counter()
+            config = s.suggest(f"t{i}")
+            suggest.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            acc = float(0.9 - abs(np.log10(config["lr"]) + 2) * 0.3 + rng.normal(0, 0.02))
+            s.on_trial_result(f"t{i}", {"accuracy": acc - 0.05, "epoch": 1, "epochs": config["epochs"]})
+            last = {"accuracy": acc, "epoch": config["epochs"], "epochs": config["epochs"]}
+            s.on_trial_complete(f"t{i}", last if rng.random() < 0.6 else {**last, "epoch": 1})
+            tell.append(time.perf_counter() - t)
+        out[kind] = {"suggest_ms": [1000 * float(np.mean(suggest[b:b + block])) for b in range(0, n, block)],
+                     "tell_ms": [1000 * float(np.mean(tell[b:b + block])) for b in range(0, n, block)],
+                     "block": block, "bytes": path.stat().st_size}
+    return {"trials": n, **out, "machine": machine()}
+
+
 # ---- the parent: rows, RESULTS.md, the plot ------------------------------------------------------------
 
 
@@ -345,7 +387,7 @@ def per_trial(row: dict, key: str) -> float:
 
 
 def render(rows: dict) -> str:
-    sizes = sorted((r for k, r in rows.items() if not k.startswith("resume")), key=lambda r: r["trials"])
+    sizes = sorted((r for k, r in rows.items() if k.isdigit()), key=lambda r: r["trials"])
     out = []
     if sizes:
         head = ["trials", "wall s", "minimal s", "overhead", "driver CPU s/trial", "suggest", "tell", "scheduler",
@@ -406,6 +448,14 @@ def render(rows: dict) -> str:
                            f"{r['first_trial_done_s']:.1f}", f"{r['resume_total_s']:.1f}", r["rows"],
                            r["unique_ids"], r["study_trials"], r["study_matches"], r["distinct_configs"]]
                           for r in resumes]))
+    for r in sorted((r for k, r in rows.items() if k.startswith("study")), key=lambda r: r["trials"]):
+        b = r["sqlite"]["block"]
+        out.append(f"\nThe searcher alone (StudySearcher, TPE, no Ray), {r['trials']} trials one after another: "
+                   f"milliseconds per trial, mean over each block of {b} trials; storage size at the end "
+                   f"(SQLite {r['sqlite']['bytes'] / 2**20:.2f} MB, journal {r['journal']['bytes'] / 2**20:.2f} MB).\n")
+        out.append(table(["trials", *(f"{i * b + 1}-{(i + 1) * b}" for i in range(len(r["sqlite"]["suggest_ms"])))],
+                         [[f"{kind}: {what}", *(f"{v:.1f}" for v in r[kind][f"{what}_ms"])]
+                          for kind in ("sqlite", "journal") for what in ("suggest", "tell")]))
     return "\n".join(out)
 
 
@@ -413,7 +463,7 @@ def plot(rows: dict) -> None:
     """Each cost against the trial count, per trial where it is a per-trial cost (flat is the goal)."""
     from matplotlib.figure import Figure
 
-    sizes = sorted((r for k, r in rows.items() if not k.startswith("resume")), key=lambda r: r["trials"])
+    sizes = sorted((r for k, r in rows.items() if k.isdigit()), key=lambda r: r["trials"])
     if not sizes:
         return
     n = [r["trials"] for r in sizes]
@@ -471,16 +521,21 @@ def main():
     p.add_argument("--redo", action="store_true", help="measure again the sizes already in bench/scale.json")
     p.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     p.add_argument("--search-one", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--study", type=int, nargs="*", default=[],
+                   help="trial counts of the searcher alone, SQLite against Optuna's journal file (no Ray)")
     p.add_argument("--resume-one", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--study-one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.search_one or args.resume_one:
+    if args.search_one or args.resume_one or args.study_one:
         work = Path(args.work)
-        row = measure(args.search_one, work) if args.search_one else measure_resume(args.resume_one, work)
+        row = (measure(args.search_one, work) if args.search_one else measure_resume(args.resume_one, work)
+               if args.resume_one else measure_study(args.study_one, work))
         (work / "row.json").write_text(json.dumps(row, indent=1, default=str))
         return
     rows, measured = load_rows(), []
-    todo = [("search", n, str(n)) for n in args.sizes] + [("resume", n, f"resume{n}") for n in args.resume_at]
+    todo = ([("search", n, str(n)) for n in args.sizes] + [("resume", n, f"resume{n}") for n in args.resume_at]
+            + [("study", n, f"study{n}") for n in args.study])
     for kind, n, key in todo:
         if key in rows and not args.redo:
             print(f"scale: {key} is recorded; skipped (--redo measures it again)", flush=True)

@@ -101,7 +101,7 @@ def test_a_thousand_trials_report_is_small_legible_and_paints_quickly(tmp_path):
     assert {re.match(r"(\d+)", t.hovertemplate).group(1) for t in lines} == best
     assert any(t.fill == "tonexty" for t in curves.data)
     parallel = report.fig_parallel(s).data[0]
-    assert parallel.line.cmin > s.trials.accuracy.quantile(0.85), "only the best share is coloured"
+    assert parallel.line.cmin is not None and parallel.line.cmin > s.trials.accuracy.quantile(0.85), "the best share"
     rows = re.search(r"<table class='trials'>.*?</table>", text, re.S).group(0).count("<tr>") - 1
     assert rows == report.TABLE_ROWS and "every one is in trials.csv" in text
     assert len(pd.read_csv(folder / "trials.csv")) == 1000, "the whole table stays in the CSV"
