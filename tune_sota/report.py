@@ -188,7 +188,8 @@ def fig_best_so_far(s: Search):
         label = "stopped by ASHA" if status == results.STOPPED else status
         fig.add_trace(go.Scatter(
             x=g.cum_s, y=y, mode="markers", name=label,
-            marker=dict(color=STATUS_COLORS.get(status, "#333"), symbol=symbols.get(status, "circle"), size=10),
+            marker=dict(color=STATUS_COLORS.get(status, "#333"), symbol=symbols.get(status, "circle"),
+                        size=10 if len(t) <= TABLE_ROWS else 5),  # a thousand large markers are one blot
             text=[f"{r.trial_id}<br>{_params(r, s.searched)}<br>{r.epochs_run}/{r.epochs} epochs"
                   for r in g.itertuples()],
             hovertemplate="%{text}<br>accuracy %{y:.4f}<extra>" + label + "</extra>"))
