@@ -22,7 +22,7 @@ import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from tests.test_report import browse, rendered_charts
+from tests.test_report import assert_renders_offline, browse, rendered_charts
 from tune_sota import report
 
 SPACE = {"data": "digits", "arch": "xresnet18", "size": 32, "lr": {"loguniform": [1e-3, 3e-2]},
@@ -128,6 +128,7 @@ def test_a_small_search_report_still_draws_every_trial(tmp_path):
     text = (folder / "report.html").read_text()
     assert all(tid in text for tid in s.trials.trial_id) and "best accuracy first" in text
     assert report.fig_parallel(s).data[0].line.cmin is None, "every line coloured by accuracy"
+    assert_renders_offline(folder, tmp_path)  # every chart drawn in headless Chromium (skips without one)
 
 
 def test_scheduler_state_is_written_a_decision_at_a_time(tmp_path):
