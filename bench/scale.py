@@ -221,7 +221,7 @@ def measure(n: int, work: Path) -> dict:
         "minimal_s": trial_s / CONCURRENCY, "trial_s": trial_s,
         "driver_cpu_s": fit["process_cpu_s"], "driver_main_cpu_s": fit["main_cpu_s"],
         "components": fit["components"], "calls": calls, "end_s": end_s,
-        "peak_mb": peak_mb, "study_db_bytes": (folder / "study.db").stat().st_size,
+        "peak_mb": peak_mb, "study_db_bytes": sum(p.stat().st_size for p in folder.glob("study.db*")),  # with its -wal
         "results_bytes": folder_bytes(folder), "scheduler_json_bytes": _size(folder / "scheduler.json"),
         "progress_lines": sum(1 for _ in open(work / "progress.log")), "load_trials_s": load_s, "trials_cli_s": cli_s,
         "report_bytes": page.stat().st_size if page.is_file() else None,

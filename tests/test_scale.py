@@ -183,3 +183,19 @@ def test_progress_of_a_large_search_is_a_line_per_trial_end_and_new_best():
     news = [line for line in large if line.startswith("  epoch")]
     assert len(news) == 6 and all(line.endswith("(new best)") for line in news), news  # .4 .5 .6 .7 .75 .85
     assert not any(line.startswith("  start") for line in large)
+
+
+def test_the_study_commits_without_waiting_for_the_disk(tmp_path):
+    import sqlite3
+
+    from tune_sota.config import Dist
+    from tune_sota.searcher import StudySearcher
+
+    s = StudySearcher({"lr": Dist("loguniform", (1e-3, 1e-1))}, storage=f"sqlite:///{tmp_path / 'study.db'}",
+                      study_name="wal", metric="accuracy", mode="max")
+    s.suggest("a")
+    s.on_trial_complete("a", {"accuracy": 0.5, "epoch": 2, "epochs": 2})
+    with sqlite3.connect(tmp_path / "study.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    loaded = optuna.load_study(study_name="wal", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert [t.state for t in loaded.trials] == [TrialState.COMPLETE], "readers see every commit"
