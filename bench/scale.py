@@ -478,6 +478,10 @@ def plot(rows: dict) -> None:
     ax.plot(n, [r["driver_cpu_s"] / r["trials"] for r in sizes], "o-", lw=2, label="driver total")
     for k in COMPONENTS:
         ax.plot(n, [per_trial(r, k) for r in sizes], ".-", label=k)
+    ours = [sum(r["components"].get(k, 0.0) for k in COMPONENTS if k != "scheduler_save") for r in sizes]
+    ax.plot(n, [(r["driver_main_cpu_s"] - o) / r["trials"] for r, o in zip(sizes, ours)], "s--", label="ray loop")
+    ax.plot(n, [(r["driver_cpu_s"] - r["driver_main_cpu_s"]) / r["trials"] for r in sizes], "^--",
+            label="ray threads")
     ax.set(title="driver CPU s per trial", yscale="log")
     ax.legend(fontsize=7)
     ax = axes[0, 2]
