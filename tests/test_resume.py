@@ -4,7 +4,6 @@ signals), a trained model loads again, and the command line's `--set` is checked
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shlex
@@ -21,7 +20,7 @@ import yaml
 from tests.conftest import ROOT, cli, make_image_folder, tiny, write_space
 from tests.test_cli import assert_one_line_error, run_main
 from tests.test_faults import _popen, _results, _wait
-from tune_sota import load_history, load_model, load_trials, recipe, runstate
+from tune_sota import load_history, load_model, load_trials, recipe, runstate, scheduler
 from tune_sota.config import ConfigError, load_space, parse_space
 from tune_sota.results import edge_notes
 
@@ -32,11 +31,10 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 
 def _rungs(folder: Path) -> dict:
-    """ASHA's rung records as the search saved them (scheduler.json): {share: {trial: accuracy}}, the share
-    keys only (the file also holds each trial's schedule shape, `groups`, and the epoch it was judged at,
-    `judged_at`)."""
-    f = folder / "state" / "scheduler.json"
-    saved = json.loads(f.read_text()) if f.is_file() else {}
+    """ASHA's rung records as the search saved them (state/scheduler.json with its journal replayed): {share:
+    {trial: accuracy}}, the share keys only (the file also holds each trial's schedule shape, `groups`, and the
+    epoch it was judged at, `judged_at`)."""
+    saved = scheduler.read_state(folder / "state" / "scheduler.json")
     return {k: v for k, v in saved.items() if k not in ("groups", "judged_at")}
 
 
@@ -106,7 +104,7 @@ def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, 
     assert rungs_before["0.5"].items() <= rungs["0.5"].items(), (rungs_before, rungs)
     half = rungs["0.5"]
     assert set(half) == set(trials.trial_id), half  # every trial reached epoch 3 of 6 and was judged there
-    judged_at = json.loads((folder / "state" / "scheduler.json").read_text())["judged_at"]
+    judged_at = scheduler.read_state(folder / "state" / "scheduler.json")["judged_at"]
     status = trials.set_index("trial_id").status
     seen = []
     for trial_id, value in half.items():  # in the order ASHA judged them: below the median so far is stopped

@@ -20,6 +20,11 @@ from tune_sota.config import UserError
 log = logging.getLogger(__name__)
 
 
+# A search of more trials than this prints one line per trial's end (and per epoch that sets a new best), not
+# a line per start and per epoch: at a thousand trials the rest is thousands of lines no one reads.
+QUIET_AFTER = 100
+
+
 def _short(v):
     return f"{v:.3g}" if isinstance(v, float) else v
 
@@ -29,7 +34,8 @@ class Progress(tune.Callback):
 
     Every line ends with the best accuracy any trial has reached so far and the elapsed time; a
     finished trial's line also estimates the time left, from the wall-clock time the finished trials
-    took (start-up included) and how many trials have run at once.
+    took (start-up included) and how many trials have run at once. Past QUIET_AFTER trials only the
+    lines of trials' ends and of new bests are written.
     """
 
     def __init__(self, searched: list[str], num_samples: int, out=print):
@@ -79,15 +85,24 @@ class Progress(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.setdefault(trial.trial_id, time.monotonic())  # a retried trial keeps its start
         self.most_at_once = max(self.most_at_once, len(self.running))
-        self.say(f"  start  {trial.trial_id}  {self._params(trial)}")
+        if not self.quiet:
+            self.say(f"  start  {trial.trial_id}  {self._params(trial)}")
+
+    @property
+    def quiet(self) -> bool:
+        """Whether the search is too large for start and epoch lines (QUIET_AFTER)."""
+        return (self.num_samples or 0) > QUIET_AFTER
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("error") or result.get("diverged"):
             return
-        if self.best is None or result["accuracy"] > self.best:
+        new_best = self.best is None or result["accuracy"] > self.best
+        if new_best:
             self.best, self.best_id = result["accuracy"], trial.trial_id
-        self.say(f"  epoch  {trial.trial_id}  {result['epoch']}/{result['epochs']} at {result['size']}px  "
-                 f"accuracy {result['accuracy']:.4f}  valid_loss {result['valid_loss']:.4f}  | {self._status_tail()}")
+        if new_best or not self.quiet:
+            self.say(f"  epoch  {trial.trial_id}  {result['epoch']}/{result['epochs']} at {result['size']}px  "
+                     f"accuracy {result['accuracy']:.4f}  valid_loss {result['valid_loss']:.4f}  | "
+                     f"{self._status_tail()}" + ("  (new best)" if new_best and self.quiet else ""))
 
     def _finish(self, trial) -> None:
         self.done += 1

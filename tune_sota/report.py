@@ -32,6 +32,13 @@ STATUS_COLORS = {
 }
 CHARTS = ("confirm", "best_so_far", "curves", "parallel", "importance", "cost")  # in page order
 PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
+# A page that reads at a thousand trials: past these counts the curves show the best trials as lines and the
+# rest as bands, the parallel coordinates colour only the best share, and the table lists the best rows (the
+# whole table is trials.csv).
+CURVE_LINES = 20  # learning curves drawn one by one; more trials than this: the best ones, the others as bands
+TABLE_ROWS = 100  # rows of the page's trial table
+PARALLEL_COLOURED = 0.1  # share of the trials coloured in the parallel coordinates once there are > TABLE_ROWS
+IDS_NAMED = 20  # trial ids a sentence names before it says "and N more"
 
 
 @dataclass
@@ -181,7 +188,8 @@ def fig_best_so_far(s: Search):
         label = "stopped by ASHA" if status == results.STOPPED else status
         fig.add_trace(go.Scatter(
             x=g.cum_s, y=y, mode="markers", name=label,
-            marker=dict(color=STATUS_COLORS.get(status, "#333"), symbol=symbols.get(status, "circle"), size=10),
+            marker=dict(color=STATUS_COLORS.get(status, "#333"), symbol=symbols.get(status, "circle"),
+                        size=10 if len(t) <= TABLE_ROWS else 5),  # a thousand large markers are one blot
             text=[f"{r.trial_id}<br>{_params(r, s.searched)}<br>{r.epochs_run}/{r.epochs} epochs"
                   for r in g.itertuples()],
             hovertemplate="%{text}<br>accuracy %{y:.4f}<extra>" + label + "</extra>"))
@@ -189,27 +197,72 @@ def fig_best_so_far(s: Search):
                    "creation order)", s.metric)
 
 
+def curve_plan(s: Search) -> tuple[list[str], pd.DataFrame]:
+    """(trial ids whose curves are drawn as lines, bands of the others): every trial while there are at most
+    CURVE_LINES; else the CURVE_LINES best (trials.csv is best first), and for the rest, per status and epoch,
+    the 10th, 50th and 90th percentile of the accuracy and how many trials reached that epoch."""
+    ids = list(dict.fromkeys(s.history.trial_id.astype(str)))
+    if len(ids) <= CURVE_LINES:
+        return ids, pd.DataFrame(columns=["status", "epoch", "low", "median", "high", "n"])
+    with_history = set(ids)
+    lines = [t for t in s.trials.trial_id.astype(str) if t in with_history][:CURVE_LINES]
+    status = dict(zip(s.trials.trial_id.astype(str), s.trials.status))
+    rest = s.history[~s.history.trial_id.astype(str).isin(lines)].dropna(subset=["accuracy"])
+    rest = rest.assign(status=rest.trial_id.astype(str).map(status).fillna(results.UNFINISHED))
+    g = rest.groupby(["status", "epoch"]).accuracy
+    bands = pd.DataFrame({"low": g.quantile(0.1), "median": g.median(), "high": g.quantile(0.9),
+                          "n": g.size()}).reset_index()
+    return lines, bands
+
+
+def _status_label(st: str) -> str:
+    return "stopped by ASHA" if st == results.STOPPED else st
+
+
+def _rgba(hex_colour: str, alpha: float) -> str:
+    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
 def fig_curves(s: Search):
     import plotly.graph_objects as go
 
-    status = dict(zip(s.trials.trial_id, s.trials.status))
+    status = dict(zip(s.trials.trial_id.astype(str), s.trials.status))
+    lines, bands = curve_plan(s)
     fig, shown = go.Figure(), set()
-    for tid, g in s.history.sort_values("epoch").groupby("trial_id", sort=False):
+    for st, b in bands.groupby("status", sort=False):
+        colour, label = STATUS_COLORS.get(st, "#333333"), _status_label(st)
+        b = b.sort_values("epoch")
+        fig.add_trace(go.Scatter(x=b.epoch, y=b.high, mode="lines", line=dict(width=0), legendgroup=f"band-{st}",
+                                 showlegend=False, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(
+            x=b.epoch, y=b.low, mode="lines", line=dict(width=0), fill="tonexty", fillcolor=_rgba(colour, 0.18),
+            legendgroup=f"band-{st}", name=f"{label}: the other trials, 10th-90th percentile", hoverinfo="skip"))
+        fig.add_trace(go.Scatter(
+            x=b.epoch, y=b["median"], mode="lines", line=dict(color=colour, width=1.5, dash="dash"),
+            legendgroup=f"band-{st}", name=f"{label}: their median", customdata=b.n,
+            hovertemplate=f"{label}, epoch %{{x}}: median %{{y:.4f}} of %{{customdata}} trials<extra></extra>"))
+    history = s.history[s.history.trial_id.astype(str).isin(lines)].sort_values("epoch")
+    for tid, g in history.groupby(history.trial_id.astype(str), sort=False):
         st = status.get(tid, "unfinished")
         fig.add_trace(go.Scatter(
             x=g.epoch, y=g.accuracy, mode="lines+markers", legendgroup=st, showlegend=st not in shown,
-            name="stopped by ASHA" if st == results.STOPPED else st,
+            name=_status_label(st) if bands.empty else f"{_status_label(st)} (one of the best {len(lines)})",
             line=dict(color=STATUS_COLORS.get(st, "#333"), width=1.5), marker=dict(size=5),
             hovertemplate=f"{tid} ({st})<br>epoch %{{x}}: accuracy %{{y:.4f}}<extra></extra>"))
         shown.add(st)
-    return _layout(fig, "Every trial's learning curve (accuracy after each epoch)", "epoch", s.metric)
+    title = ("Every trial's learning curve (accuracy after each epoch)" if bands.empty else
+             f"The best {len(lines)} trials' learning curves; the other {s.history.trial_id.nunique() - len(lines)} "
+             f"as bands per status")
+    return _layout(fig, title, "epoch", s.metric)
 
 
 def fig_parallel(s: Search):
     import numpy as np
     import plotly.graph_objects as go
 
-    t = s.trials[s.trials.accuracy.notna()]
+    t = s.trials[s.trials.accuracy.notna()].sort_values("accuracy", kind="stable")  # the best drawn last, on top
+    many = len(t) > TABLE_ROWS
     dims = []
     for k in s.searched:
         col = t[k]
@@ -229,10 +282,20 @@ def fig_parallel(s: Search):
     dims.append(dict(label="status", values=t.status.map(statuses.index), tickvals=list(range(len(statuses))),
                      ticktext=statuses))
     dims.append(dict(label="accuracy", values=t.accuracy))
-    fig = go.Figure(go.Parcoords(line=dict(color=t.accuracy, colorscale="Viridis", showscale=True,
-                                           colorbar=dict(title="accuracy")), dimensions=dims))
-    fig.update_layout(title="Searched values of every trial, coloured by accuracy (drag on an axis to filter)",
-                      height=460, margin=dict(l=70, r=40, t=110, b=30), template="plotly_white")
+    line = dict(color=t.accuracy, colorscale="Viridis", showscale=True, colorbar=dict(title="accuracy"))
+    title = "Searched values of every trial, coloured by accuracy (drag on an axis to filter)"
+    if many:  # a thousand coloured lines are a blur: the best share in colour over the others in light grey
+        import plotly.colors
+
+        cut = float(t.accuracy.quantile(1 - PARALLEL_COLOURED))
+        viridis = plotly.colors.sequential.Viridis
+        scale = [[0.0, "#dddddd"], [1e-6, viridis[0]]] + [
+            [i / (len(viridis) - 1), c] for i, c in enumerate(viridis) if i]
+        line.update(colorscale=scale, cmin=cut - 1e-9, cmax=float(t.accuracy.max()))
+        title = (f"Searched values of all {len(t)} trials; the best {PARALLEL_COLOURED:.0%} (accuracy >= {cut:.4f}) "
+                 f"coloured, the others grey (drag on an axis to filter)")
+    fig = go.Figure(go.Parcoords(line=line, dimensions=dims))
+    fig.update_layout(title=title, height=460, margin=dict(l=70, r=40, t=110, b=30), template="plotly_white")
     return fig
 
 
@@ -261,8 +324,9 @@ def _importance(s: Search) -> tuple[object | None, str]:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     ids = [t.user_attrs.get("ray_trial_id") or f"#{t.number}" for t in complete]
     left_out = ", ".join(f"{n} {st}" for st, n in states.items() if st != "COMPLETE") or "none"
+    named = ", ".join(ids[:IDS_NAMED]) + (f" and {len(ids) - IDS_NAMED} more" if len(ids) > IDS_NAMED else "")
     which = (f"Computed by Optuna's evaluators on the study's {len(complete)} COMPLETE trials "
-             f"({', '.join(ids) or 'none'}); left out: {left_out} (a pruned trial's accuracy is a partial-budget "
+             f"({named or 'none'}); left out: {left_out} (a pruned trial's accuracy is a partial-budget "
              f"one). With this few trials, read them as a hint, not a measurement.")
     if len(complete) < 2:
         return None, f"Not enough complete trials for importances: {len(complete)} (need 2). " + which
@@ -433,8 +497,9 @@ def _signed(v) -> str:
 
 
 def table_html(s: Search) -> str:
-    """The trial table: one row per trial, its status coloured as in the charts."""
-    t = s.trials
+    """The trial table: one row per trial (the best TABLE_ROWS of a larger search), its status coloured as in
+    the charts."""
+    t = s.trials.head(TABLE_ROWS)  # trials.csv is best first
     cols = [c for c in dict.fromkeys(["trial_id", "status", *s.searched, "epochs", "epochs_run", "accuracy",
                                       "best_accuracy", "tta_accuracy", "confirmed_accuracy", "confirmed_tta",
                                       "valid_loss", "time_s", "error"]) if c in t.columns]
@@ -490,7 +555,10 @@ def html_page(s: Search) -> tuple[str, list[str]]:
     if len(s.history):
         body.append("<h2>Learning curves</h2>" + chart(
             "curves", fig_curves(s), "From history.csv: validation accuracy after each epoch of every trial, "
-            "coloured by how the trial ended."))
+            "coloured by how the trial ended" + (
+                "." if s.history.trial_id.nunique() <= CURVE_LINES else
+                f"; past {CURVE_LINES} trials, the best {CURVE_LINES} are lines and the others bands: per status "
+                "and epoch, the 10th to 90th percentile of their accuracy, the median dashed.")))
     if len(s.trials) and s.trials.accuracy.notna().any():
         body.append("<h2>Searched values</h2>" + chart(
             "parallel", fig_parallel(s), "From trials.csv: one line per trial through its searched values, its "
@@ -502,8 +570,10 @@ def html_page(s: Search) -> tuple[str, list[str]]:
         body.append("<h2>Accuracy against cost</h2>" + chart(
             "cost", fig_cost(s), "From trials.csv: each trial's final accuracy against the seconds it trained; the "
             "stars mark, for each number of epochs, the best trial that trained all of them."))
-    body.append("<h2>Trials</h2><p class='why'>From trials.csv (`tune-sota trials`), best accuracy first.</p>"
-                + table_html(s))
+    many = len(s.trials) > TABLE_ROWS
+    shown = f"the best {TABLE_ROWS} of {len(s.trials)} trials; every one is in trials.csv" if many else (
+        "best accuracy first")
+    body.append(f"<h2>Trials</h2><p class='why'>From trials.csv (`tune-sota trials`): {shown}.</p>" + table_html(s))
     command = s.run.get("command") or s.result.get("command") or ""
     versions = s.run.get("versions") or {}
     meta = (f"<p class='meta'>{html.escape(str(s.dir))} · <code>{html.escape(command)}</code> · report written "
@@ -551,10 +621,19 @@ def write_pngs(s: Search, folder: Path) -> list[Path]:
         ax.legend(fontsize=8)
         save(fig, "best_so_far.png")
     if len(s.history):
-        fig, ax = _mpl("Learning curves", "epoch", "accuracy")
-        status = dict(zip(s.trials.trial_id, s.trials.status))
+        lines, bands = curve_plan(s)
+        title = "Learning curves" if bands.empty else f"Learning curves: the best {len(lines)}, the others as bands"
+        fig, ax = _mpl(title, "epoch", "accuracy")
+        status = dict(zip(s.trials.trial_id.astype(str), s.trials.status))
+        for st, b in bands.groupby("status", sort=False):
+            b = b.sort_values("epoch")
+            colour = STATUS_COLORS.get(st, "#333333")
+            ax.fill_between(b.epoch, b.low, b.high, color=colour, alpha=0.18, lw=0,
+                            label=f"{_status_label(st)}: others, 10th-90th pct")
+            ax.plot(b.epoch, b["median"], ls="--", color=colour)
         shown = set()
-        for tid, g in s.history.sort_values("epoch").groupby("trial_id", sort=False):
+        history = s.history[s.history.trial_id.astype(str).isin(lines)].sort_values("epoch")
+        for tid, g in history.groupby(history.trial_id.astype(str), sort=False):
             st = status.get(tid, "unfinished")
             ax.plot(g.epoch, g.accuracy, marker=".", color=STATUS_COLORS.get(st, "#333"), alpha=0.8,
                     label=None if st in shown else st)

@@ -32,14 +32,17 @@ one_cycle rungs avoid by sitting past the peak: the recorded-curves simulator (b
 
 The rung records are the scheduler's whole state; Ray does not save a scheduler with the experiment,
 so they are written to a JSON file in the search's `state/` folder (runstate.py says why not beside it)
-and read back on resume: a resumed search makes
-the same decisions the uninterrupted one would have.
+and read back on resume: a resumed search makes the same decisions the uninterrupted one would have.
+Each decision is appended to a journal beside it (`scheduler.jsonl`, one line per record) and the whole
+file is rewritten at most every SNAPSHOT_EVERY_S and at the end of the search (`compact`): rewriting it at
+every decision made a thousand-trial search's saves grow with the square of its trials (bench/scale.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,41 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from tune_sota import runstate
 from tune_sota.config import Config, write_atomic
 from tune_sota.schedule import rung_shares
+
+SNAPSHOT_EVERY_S = 5.0  # the whole state file at most this often; every decision reaches the journal at once
+
+
+def journal_of(state_file) -> Path:
+    """The journal of a state file: the decisions recorded since the file was last written in full."""
+    return Path(state_file).with_suffix(".jsonl")
+
+
+def read_state(state_file) -> dict:
+    """A state file with its journal replayed: {repr(share): {trial id: value}, "groups": {trial id: shape},
+    "judged_at": {trial id: epoch}}."""
+    path = Path(state_file)
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    state.setdefault("groups", {})
+    state.setdefault("judged_at", {})
+    journal = journal_of(path)
+    for line in journal.read_text().splitlines() if journal.is_file() else ():
+        try:
+            share, trial_id, value, group, *epoch = json.loads(line)  # no epoch in lines of before judged_at
+        except ValueError:  # the last line of a driver killed mid-write
+            continue
+        state.setdefault(repr(float(share)), {})[trial_id] = value
+        if group is not None:
+            state["groups"][trial_id] = group
+        if epoch:
+            state["judged_at"][trial_id] = epoch[0]
+    return state
+
+
+def compact(state_file) -> None:
+    """Write the state file in full, journal included, and drop the journal (the end of a search calls it)."""
+    if Path(state_file).is_file() or journal_of(state_file).is_file():
+        write_atomic(Path(state_file), json.dumps(read_state(state_file), indent=1))
+        journal_of(state_file).unlink(missing_ok=True)
 
 
 class ScheduleASHA(FIFOScheduler):
@@ -60,6 +98,7 @@ class ScheduleASHA(FIFOScheduler):
 
     DEFAULT_GROUP = "one_cycle"  # the shape of a trial that reports none (a search from before `sched`)
     final_size = False  # what a scheduler pickled before the option existed (a resumed search) goes on with
+    _snapshot_at = -math.inf  # when the state file was last written in full (time.monotonic)
 
     def __init__(self, *, shares: list[float], reduction_factor: int, state_file: str | None = None,
                  metric: str | None = None, mode: str | None = None, final_size: bool = False):
@@ -74,7 +113,8 @@ class ScheduleASHA(FIFOScheduler):
 
     def __setstate__(self, state):  # unpickled by Tuner.restore: take up the saved rung records
         self.__dict__.update({"judged_at": {}, **state})  # a scheduler pickled before judged_at existed
-        if self.state_file:  # one pickled before state/ existed: its file moves there (runstate.state_file)
+        if self.state_file:  # one pickled before state/ existed: its files move there (runstate.state_file)
+            runstate.relocated(str(journal_of(self.state_file)))
             self.state_file = runstate.relocated(self.state_file)
         self._load()
 
@@ -84,17 +124,26 @@ class ScheduleASHA(FIFOScheduler):
         return True
 
     def _load(self) -> None:
-        if self.state_file and Path(self.state_file).is_file():
-            saved = json.loads(Path(self.state_file).read_text())
+        if self.state_file and (Path(self.state_file).is_file() or journal_of(self.state_file).is_file()):
+            saved = read_state(self.state_file)
             self.records = {s: dict(saved.get(repr(s), {})) for s in self.shares}
             self.groups = dict(saved.get("groups", {}))  # absent in the files of searches before `sched`
             self.judged_at = dict(saved.get("judged_at", {}))
 
-    def _save(self) -> None:
-        if self.state_file:
+    def _save(self, new: list[tuple[float, str, float, str | None, int]]) -> None:
+        """Record the decisions `new` (share, trial id, value, shape if not the default, epoch judged at):
+        appended to the journal, or the whole state written when the last full write is SNAPSHOT_EVERY_S old."""
+        if not self.state_file:
+            return
+        if time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_S:
             state = {**{repr(s): r for s, r in self.records.items()}, "groups": self.groups,
                      "judged_at": self.judged_at}
             write_atomic(Path(self.state_file), json.dumps(state, indent=1))
+            journal_of(self.state_file).unlink(missing_ok=True)  # after: a replayed record is the same record
+            self._snapshot_at = time.monotonic()
+        else:
+            with open(journal_of(self.state_file), "a") as journal:
+                journal.write("".join(json.dumps(list(entry)) + "\n" for entry in new))
 
     def group_of(self, trial_id: str) -> str:
         """The schedule shape a recorded trial was judged with."""
@@ -111,7 +160,7 @@ class ScheduleASHA(FIFOScheduler):
         if self.final_size and not at_final_size:
             return TrialScheduler.CONTINUE
         sign = 1.0 if self.direction == "max" else -1.0
-        action, changed = TrialScheduler.CONTINUE, False
+        action, new = TrialScheduler.CONTINUE, []
         for share in self.shares:
             recorded = self.records[share]
             if epoch / epochs + 1e-9 < share or trial_id in recorded:
@@ -125,9 +174,9 @@ class ScheduleASHA(FIFOScheduler):
             if group != self.DEFAULT_GROUP:
                 self.groups[trial_id] = group
             self.judged_at[trial_id] = epoch
-            changed = True
-        if changed:
-            self._save()
+            new.append((share, trial_id, value, group if group != self.DEFAULT_GROUP else None, epoch))
+        if new:
+            self._save(new)
         return action
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:

@@ -208,6 +208,8 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
         t_trials = time.time()
         grid = tuner.fit()
         t_trials = time.time() - t_trials
+        # ASHA's rung records in full, its journal folded in
+        scheduler.compact(runstate.state_file(results_dir, "scheduler.json"))
         stop.check()  # after every phase: nothing later runs once Ctrl-C or SIGTERM came
         trials, history = results.tables(grid, searched, finished=True)
         budget_used = _budget_statuses(time_budget, trials, t_trials)
