@@ -46,12 +46,25 @@ def set_train_size(dls: DataLoaders, size: int) -> None:
 
 
 def normalization(cfg: Config, dls: DataLoaders):
-    """Mean and std per channel: ImageNet's, or measured on one training batch."""
+    """Mean and std per channel: a pretrained model's own (`pretrained.stats`), ImageNet's, or measured on
+    one training batch."""
+    if cfg.pretrained is not False:
+        from tune_sota import pretrained
+
+        return pretrained.stats(cfg)
     if cfg.normalize == "imagenet":
         return imagenet_stats
     x = dls.train.one_batch()[0]
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+
+
+def stats_of(dls: DataLoaders) -> tuple[list[float], list[float]]:
+    """The mean and std the validation batches are normalized with (ImageNet's if none)."""
+    for tfm in dls.valid.after_batch.fs:
+        if isinstance(tfm, Normalize):
+            return tfm.mean.flatten().tolist(), tfm.std.flatten().tolist()
+    return list(imagenet_stats[0]), list(imagenet_stats[1])
 
 
 def fastai_dataloaders(cfg: Config, root: Path, *, workers: int, device: torch.device) -> DataLoaders:

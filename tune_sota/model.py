@@ -50,7 +50,9 @@ def save(learn, cfg: Config, folder: Path, scores: dict, **about) -> Path:
     except FileExistsError:
         raise UserError(f"--out {folder} exists; give a new folder (nothing is overwritten)") from None
     buf = io.BytesIO()  # the weights only: an optimizer state would double the file for nothing
-    torch.save({"model": learn.model.state_dict(), "opt": None, "epoch": cfg.epochs}, buf)
+    from tune_sota.recipe import about_model
+
+    torch.save({"model": learn.model.state_dict(), "opt": None, "epoch": cfg.epochs, **about_model(learn)}, buf)
     (folder / STATE_FILE).write_bytes(buf.getvalue())
     header = f"# The config of this model; train it again: tune-sota train --config {folder / CONFIG_FILE}\n"
     write_atomic(folder / CONFIG_FILE, header + space_to_yaml(cfg.to_dict()))

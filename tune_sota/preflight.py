@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tune_sota import cluster, sources
+from tune_sota import cluster, pretrained, sources
 from tune_sota.config import Space, UserError, presize_of
 
 
@@ -101,3 +101,4 @@ def check(space: Space, address: str | None = None, out=print) -> None:
         check_presize(d, found, max(_item_sizes(space)), out)
     check_gpus(space.search.gpus_per_trial, address)
     cluster.check_address(address)
+    pretrained.check(space)  # last: it may download published weights (once, here, never in a trial)
