@@ -31,11 +31,18 @@ class RGBImage(PILImage):
         return cls(sources.load_rgb(fn)) if isinstance(fn, (str, Path)) else super().create(fn, **kwargs)
 
 
+def augmentations(cfg: Config) -> list:
+    """fastai's aug_transforms with the config's lesson-3 keys (flips, affine, lighting), without a crop:
+    the random-resized crop that follows sets the size."""
+    return aug_transforms(do_flip=cfg.flip, flip_vert=cfg.flip_vert, max_rotate=cfg.max_rotate,
+                          max_zoom=cfg.max_zoom, max_lighting=cfg.max_lighting, max_warp=cfg.max_warp,
+                          p_affine=cfg.p_affine, p_lighting=cfg.p_lighting, min_scale=1.0)
+
+
 def batch_tfms(cfg: Config, size: int, stats) -> list:
     """Chapter 7's batch augmentation at `size`, then Normalize: fresh objects for each DataLoader."""
-    augs = aug_transforms(do_flip=cfg.flip, min_scale=1.0)  # affine + lighting; the crop sets the size
     crop = RandomResizedCropGPU(size, min_scale=cfg.min_scale)
-    return [IntToFloatTensor(), *augs, crop, Normalize.from_stats(*stats)]
+    return [IntToFloatTensor(), *augmentations(cfg), crop, Normalize.from_stats(*stats)]
 
 
 def set_train_size(dls: DataLoaders, size: int) -> None:
