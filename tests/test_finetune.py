@@ -235,7 +235,7 @@ def test_a_search_whose_rung_waits_for_the_unfreeze(tmp_path):
         assert value == pytest.approx(acc[3]), f"{trial_id} judged before its unfreeze"
         moved += acc[1] != acc[3]
         frozen = history[history.trial_id == trial_id].set_index("epoch")["frozen"]
-        assert list(frozen) == [True, True, False, False]
+        assert list(frozen)[:3] == [True, True, False]  # a trial stopped at the rung ends at epoch 3
     assert moved, "no trial's accuracy changed between epochs 1 and 3: the test could not tell"
     best = yaml.safe_load((results / "best.yaml").read_text())
     assert best["pretrained"] == str(weights)
