@@ -163,6 +163,18 @@ def test_trials_command_prints_the_table(searched):
     assert sum(line.split()[0] in ("candidate", "baseline") for line in runs.stdout.splitlines()[1:]) == 4
 
 
+def _tiny_weights(tmp_path, image_folder):
+    """A state dict of the tiny config's model, as a pretrained weights file."""
+    import torch
+
+    from tune_sota import recipe
+    from tune_sota.config import Config
+
+    path = tmp_path / "weights.pth"
+    torch.save(recipe.make_model(Config(**tiny(image_folder)), 10).state_dict(), path)
+    return path
+
+
 @pytest.mark.parametrize("path", sorted(SPACES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_search_space_smoke_runs(path, tmp_path, image_folder):
     """Each shipped space, shrunk to tiny data and sizes, runs a real two-trial search (under a new name:
@@ -172,6 +184,8 @@ def test_every_search_space_smoke_runs(path, tmp_path, image_folder):
     values.update(tiny(image_folder), epochs={"randint": [1, 2]}, resize={"choice": ["16", "8>16"]})
     if "pool" in values:  # pool: max needs sizes that are multiples of 32; the tiny ones are 8 and 16
         values["pool"] = "avg"
+    if values.get("pretrained", False) is not False:  # fine-tuning: from weights made here (no network, no bench)
+        values.update(pretrained=str(_tiny_weights(tmp_path, image_folder)), epochs={"randint": [3, 4]})
     search = {**dataclasses.asdict(space.search), "num_samples": 2, "max_concurrent": 2, "cpus_per_trial": 1,
               "gpus_per_trial": 0, "confirm_top": 0}  # confirmation: the shared search and tests/test_faults.py
     shrunk = write_space(tmp_path / f"{path.stem}.yaml", values, search)

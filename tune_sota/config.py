@@ -545,13 +545,16 @@ def _data_mapping(raw: dict, where: str) -> dict:
 
 def _check_cross_fields(space: Space, where: str):
     """Check the rules that tie fields together on every combination a choice can make."""
+    # The keys outside a combination take their first choice: a fixed `pretrained: true` needs a timm arch
+    # whichever of the searched ones it is, and never meets the schema's default xresnet50.
+    base = {**{k: v.args[0] for k, v in space.searched.items() if v.kind == "choice"}, **space.fixed_values()}
     for keys in (("size", "resize", "pool"), ("arch", "width"), ("arch", "pretrained", "normalize"),
-                 ("pretrained", "freeze_epochs", "epochs")):
+                 ("arch", "pretrained", "freeze_epochs", "epochs")):
         if any(isinstance(space.values.get(k), Dist) and space.values[k].kind != "choice" for k in keys):
             continue  # a sampled size cannot be checked ahead; Config checks each sample
         for combo in itertools.product(*(space.options(k) for k in keys)):
             try:
-                Config(**{**space.fixed_values(), **dict(zip(keys, combo))})
+                Config(**{**base, **dict(zip(keys, combo))})
             except ConfigError as e:
                 raise ConfigError(f"{where}{e}") from None
     epochs, freeze = space.values.get("epochs"), space.options("freeze_epochs")
@@ -597,8 +600,13 @@ def load_space(name_or_path: str, overrides=()) -> Space:
 
 
 def _resolve_data(raw: dict, base: Path) -> dict:
-    """`raw` with relative `data:` folders (fixed or choices) made absolute against `base`."""
+    """`raw` with relative `data:` folders (fixed or choices) and a relative `pretrained:` path made absolute
+    against `base`."""
     from tune_sota import sources  # sources imports this module
+
+    pre = raw.get("pretrained") if isinstance(raw, dict) else None
+    if isinstance(pre, str) and pre.strip() and not Path(pre).expanduser().is_absolute():
+        raw = {**raw, "pretrained": str((base / pre).resolve())}
 
     def resolve(v):
         if isinstance(v, dict) or (isinstance(v, str) and v.lstrip().startswith("{")):  # a data mapping
