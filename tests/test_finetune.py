@@ -246,3 +246,25 @@ def test_space_checks_freeze_epochs_against_the_least_epochs(image_folder, tmp_p
                                                 "epochs": {"randint": [1, 3]}, "freeze_epochs": {"choice": [0, 1]}})
     with pytest.raises(ConfigError, match="raise epochs' low end"):
         load_space(str(space))
+
+
+def test_a_fine_tuned_model_loads_exports_and_predicts_without_its_starting_weights(image_folder, tmp_path,
+                                                                                    timm_weights):
+    """The weights a model started from may be gone: `load_model` rebuilds it empty with its saved statistics,
+    and export and predict work on it."""
+    from tune_sota import export
+
+    start = tmp_path / "start.safetensors"
+    shutil.copy(timm_weights, start)
+    cfg = Config(**tiny(image_folder, arch="test_resnet", pretrained=str(start), epochs=2))
+    learn = recipe.train(cfg)
+    folder = model.save(learn, cfg, tmp_path / "ft", recipe.score(learn, tta=False))
+    start.unlink()
+    loaded = model.load_model(folder)
+    assert recipe.data.stats_of(loaded.dls)[0] == pytest.approx([0.5] * 3), "test_resnet's statistics, as trained"
+    assert recipe.score(loaded, tta=False)["accuracy"] == pytest.approx(recipe.score(learn, tta=False)["accuracy"])
+    out = export.export(folder, tmp_path / "export")
+    files = export.images([image_folder / "val" / "red"])
+    probs, classes = export.predict(export.load(out), files)
+    assert probs.shape == (len(files), 3) and classes == ["blue", "green", "red"]
+    assert json.loads((out / "classes.json").read_text())["mean"] == pytest.approx([0.5] * 3)

@@ -354,7 +354,8 @@ def _train(args) -> int:
     pretrained.resolve(cfg.pretrained, cfg.arch, download=True)  # published weights into the cache, or one line
 
     def on_epoch(r, learn):
-        print(f"epoch {r.epoch}/{r.epochs} at {r.size}px  train_loss {r.train_loss:.4f}  valid_loss "
+        head = " (head only)" if r.frozen else ""  # fine-tuning's frozen phase
+        print(f"epoch {r.epoch}/{r.epochs} at {r.size}px{head}  train_loss {r.train_loss:.4f}  valid_loss "
               f"{r.valid_loss:.4f}  accuracy {r.accuracy:.4f}  ({r.epoch_s:.1f}s)", flush=True)
 
     t0 = time.time()

@@ -11,6 +11,7 @@ A finished search keeps only the checkpoints somebody may load (`prune`); `disk_
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -110,12 +111,36 @@ def load_model(path, *, cpus: float | None = None):
 
     state_file, cfg = locate(path)
     workers, device = recipe.resources(cfg, cpus)
-    learn = recipe.build_learner(cfg, recipe.make_dataloaders(cfg, workers=workers, device=device))
-    recipe.load_state(learn, state_file.read_bytes())
+    blob = state_file.read_bytes()
+    # A fine-tuned model loads without the weights it started from (they may be gone): the same model
+    # built empty, normalized with the statistics saved beside its weights.
+    build = cfg if cfg.pretrained is False else dataclasses.replace(cfg, pretrained=False, freeze_epochs=0,
+                                                                    normalize="imagenet")
+    learn = recipe.build_learner(build, recipe.make_dataloaders(build, workers=workers, device=device))
+    recipe.load_state(learn, blob)
+    if build is not cfg:
+        _set_stats(learn.dls, cfg, blob)
     learn.config = cfg  # what it was trained with, for the caller
     if cfg.pipeline == "cached":
         learn.dls.test_dl = _cached_test_dl(learn.dls, cfg)
     return learn
+
+
+def _set_stats(dls, cfg: Config, blob: bytes) -> None:
+    """Normalize `dls` with the statistics saved in `blob` (else those `pretrained.stats` names)."""
+    import torch
+    from fastai.data.transforms import Normalize
+
+    saved = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True).get("stats")
+    if not saved:
+        from tune_sota import pretrained
+
+        saved = pretrained.stats(cfg)
+    new = Normalize.from_stats(*saved, cuda=False)
+    for dl in (dls.train, dls.valid):
+        for tfm in dl.after_batch.fs:
+            if isinstance(tfm, Normalize):
+                tfm.mean, tfm.std = new.mean.to(tfm.mean.device), new.std.to(tfm.std.device)
 
 
 def _cached_test_dl(dls, cfg: Config):
