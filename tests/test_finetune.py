@@ -268,3 +268,32 @@ def test_a_fine_tuned_model_loads_exports_and_predicts_without_its_starting_weig
     probs, classes = export.predict(export.load(out), files)
     assert probs.shape == (len(files), 3) and classes == ["blue", "green", "red"]
     assert json.loads((out / "classes.json").read_text())["mean"] == pytest.approx([0.5] * 3)
+
+
+def _hub_cache(home, weights) -> None:
+    """A Hugging Face cache under `home` holding test_resnet's published file, laid out as the hub client
+    writes it (refs/main -> snapshots/REV/model.safetensors)."""
+    repo = home / "hub" / "models--timm--test_resnet.r160_in1k"
+    rev = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    (repo / "snapshots" / rev).mkdir(parents=True)
+    shutil.copy(weights, repo / "snapshots" / rev / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_pretrained_true_reads_the_cache_in_every_trial(image_folder, tmp_path, timm_weights):
+    """`pretrained: true` with the published file in the cache: a real search whose trials load it offline."""
+    _hub_cache(tmp_path / "hf", timm_weights)
+    space = write_space(tmp_path / "hub.yaml", tiny(image_folder, arch="test_resnet", pretrained=True, epochs=2),
+                        {"num_samples": 1, "cpus_per_trial": 1, "holdout": 0.2, "confirm_top": 0})
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_OFFLINE")}
+    os.environ.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    try:
+        run = cli("search", "--space", space, "--results", tmp_path / "results", timeout=600)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "results" / "hub" / "trials.csv")
+    assert list(trials["status"]) == ["completed"], trials.to_string()
