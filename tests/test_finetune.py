@@ -297,3 +297,12 @@ def test_pretrained_true_reads_the_cache_in_every_trial(image_folder, tmp_path, 
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     trials = pd.read_csv(tmp_path / "results" / "hub" / "trials.csv")
     assert list(trials["status"]) == ["completed"], trials.to_string()
+
+
+def test_a_relative_pretrained_path_is_read_from_the_space_files_folder(image_folder, tmp_path, timm_weights):
+    (tmp_path / "spaces").mkdir()
+    shutil.copy(timm_weights, tmp_path / "w.safetensors")
+    space = write_space(tmp_path / "spaces" / "ft.yaml",
+                        tiny(image_folder, arch="test_resnet", pretrained="../w.safetensors"))
+    assert load_space(str(space)).values["pretrained"] == str(tmp_path / "w.safetensors")
+    assert load_space(str(space)).fixed().frozen_epochs == 1, "fastai's default: one epoch of the head alone"
