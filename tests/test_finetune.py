@@ -82,7 +82,7 @@ def test_pretrained_configs_that_cannot_work_are_one_line_errors(image_folder, t
 
 def test_a_fine_tune_resumes_in_either_phase(image_folder, timm_weights):
     """A checkpoint taken in the frozen phase or after the unfreeze goes on to the uninterrupted run's end."""
-    cfg = Config(**tiny(image_folder, arch="test_resnet", pretrained=str(timm_weights), epochs=3, freeze_epochs=2,
+    cfg = Config(**tiny(image_folder, arch="test_resnet", pretrained=str(timm_weights), epochs=4, freeze_epochs=2,
                         lr=1e-2))
     blobs, full = {}, []
 
@@ -92,11 +92,11 @@ def test_a_fine_tune_resumes_in_either_phase(image_folder, timm_weights):
 
     done = recipe.train(cfg, on_epoch=keep)
     end = done.model.state_dict()
-    for at in (1, 2):
+    for at in (1, 2, 3):  # inside the frozen phase, at the unfreeze, inside the unfrozen phase
         resumed = []
         learn = recipe.train(cfg, checkpoint=blobs[at], on_epoch=lambda r, _, into=resumed: into.append(
             (r.epoch, r.frozen, r.valid_loss)))
-        assert [e for e, *_ in resumed] == list(range(at + 1, 4))
+        assert [e for e, *_ in resumed] == list(range(at + 1, 5))
         assert [r[:2] for r in resumed] == [r[:2] for r in full[at:]]
         assert [r[2] for r in resumed] == pytest.approx([r[2] for r in full[at:]]), f"resumed after epoch {at}"
         for k, v in learn.model.state_dict().items():
