@@ -134,6 +134,8 @@ def main():
     if found is not None:
         lines.append(f"- the search's winner over fine_tune defaults: "
                      f"{gain_line(gain(results[labels[3]][0], results[labels[1]][0]))}")
+        lines.append(f"- the search's winner (transfer) over scratch: "
+                     f"{gain_line(gain(results[labels[3]][0], results[labels[0]][0]))}")
         picked = {k: found.get(k) for k in ("epochs", "freeze_epochs", "lr", "lr_mult", "mom", "mixup",
                                             "label_smoothing", "resize")}
         lines.append(f"- the winner ({found['name']}, {found['search_s']:.0f}s, 12 trials on 80% of the 250 "
