@@ -306,3 +306,16 @@ def test_a_relative_pretrained_path_is_read_from_the_space_files_folder(image_fo
                         tiny(image_folder, arch="test_resnet", pretrained="../w.safetensors"))
     assert load_space(str(space)).values["pretrained"] == str(tmp_path / "w.safetensors")
     assert load_space(str(space)).fixed().frozen_epochs == 1, "fastai's default: one epoch of the head alone"
+
+
+def test_weights_of_another_model_stop_a_search_before_ray(image_folder, tmp_path, timm_weights):
+    """A weights file that does not fit the arch is one line before Ray starts, not an error in every trial."""
+    wide = tmp_path / "wide.pth"
+    torch.save(recipe.make_model(Config(**tiny(image_folder, width=0.25)), 3).state_dict(), wide)
+    for arch, weights, says in (("xresnet18", wide, "does not fit this XResNet"),
+                                ("test_convnext", timm_weights, "does not load into test_convnext")):
+        space = write_space(tmp_path / "bad.yaml", tiny(image_folder, arch=arch, pretrained=str(weights)))
+        run = cli("search", "--space", space, "--results", tmp_path / "results", timeout=120)
+        err = run.stderr.strip()
+        assert run.returncode == 2 and len(err.splitlines()) == 1 and says in err, run.stdout[-2000:] + err
+        assert "Traceback" not in run.stdout + run.stderr and not (tmp_path / "results").exists()
