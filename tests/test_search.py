@@ -165,13 +165,27 @@ def test_trials_command_prints_the_table(searched):
     assert sum(line.split()[0] in ("candidate", "baseline") for line in runs.stdout.splitlines()[1:]) == 4
 
 
-def shrunk(path, image_folder) -> tuple[dict, dict]:
-    """A shipped space shrunk to tiny data and sizes: (values, search settings) of a two-trial search."""
+def _tiny_weights(folder, image_folder):
+    """A state dict of the tiny config's model, as a pretrained weights file."""
+    import torch
+
+    from tune_sota import recipe
+
+    path = folder / "weights.pth"
+    torch.save(recipe.make_model(Config(**tiny(image_folder)), 10).state_dict(), path)
+    return path
+
+
+def shrunk(path, image_folder, weights=None) -> tuple[dict, dict]:
+    """A shipped space shrunk to tiny data and sizes: (values, search settings) of a two-trial search; a
+    fine-tuning space starts from `weights` (a file `_tiny_weights` makes: no network, no bench)."""
     space = load_space(path.stem)
     values = {k: (v.to_yaml() if hasattr(v, "to_yaml") else v) for k, v in space.values.items()}
     values.update(tiny(image_folder), epochs={"randint": [1, 2]}, resize={"choice": ["16", "8>16"]})
     if "pool" in values:  # pool: max needs sizes that are multiples of 32; the tiny ones are 8 and 16
         values["pool"] = "avg"
+    if values.get("pretrained", False) is not False:  # fine-tuning: from weights made here (no network, no bench)
+        values.update(pretrained=str(weights or "weights.pth"), epochs={"randint": [3, 4]})
     search = {**dataclasses.asdict(space.search), "num_samples": 2, "max_concurrent": 2, "cpus_per_trial": 1,
               "gpus_per_trial": 0, "confirm_top": 0}  # confirmation: the shared search and tests/test_faults.py
     return values, search
@@ -181,8 +195,11 @@ def shrunk(path, image_folder) -> tuple[dict, dict]:
 _INERT = ("startup_trials", "seed", "confirm_seeds")
 
 
-def _options(v):
-    """What a value may be, as ('set', values) or ('range', low, high)."""
+def _options(v, priors: bool = False):
+    """What a value may be, as ('set', values) or ('range', low, high); a distribution's prior counts only
+    where the search uses priors."""
+    if isinstance(v, dict) and not priors:
+        v = {k: x for k, x in v.items() if k not in ("prior", "confidence")}
     if isinstance(v, dict) and len(v) == 1 and next(iter(v)) in ("uniform", "loguniform", "randint"):
         return ("range", *next(iter(v.values())))
     if isinstance(v, dict) and list(v) == ["choice"]:
@@ -199,7 +216,8 @@ def covers(big: tuple[dict, dict], small: tuple[dict, dict]) -> bool:
         return False
     default = {f.name: f.default for f in dataclasses.fields(Config)}
     for key in set(bv) | set(sv):
-        b, s_ = _options(bv.get(key, default.get(key))), _options(sv.get(key, default.get(key)))
+        priors = bs.get("priors", "off") != "off"
+        b, s_ = _options(bv.get(key, default.get(key)), priors), _options(sv.get(key, default.get(key)), priors)
         if b[0] == "set" and s_[0] == "set" and not s_[1] <= b[1]:
             return False
         if b[0] == "range" and (s_[0] != "range" or not b[1] <= s_[1] <= s_[2] <= b[2]):
@@ -248,11 +266,13 @@ def test_every_search_space_smoke_runs(name, tmp_path, image_folder):
     """Each shipped space, shrunk to tiny data and sizes, runs a real two-trial search (under a new name:
     its own is taken by an earlier search's results, which stay as they were). A space another covers
     (`smoke_groups`) is shrunk and checked as a space, and that space's run stands for it."""
+    weights = _tiny_weights(tmp_path, image_folder)
     for covered in SMOKE[name]:
-        parse_space(yaml.safe_load(write_space(tmp_path / f"{covered}.yaml", *shrunk(SPACES_DIR / f"{covered}.yaml",
-                                                                                      image_folder)).read_text()))
+        values, search = shrunk(SPACES_DIR / f"{covered}.yaml", image_folder, weights)
+        small = write_space(tmp_path / f"{covered}.yaml", values, search)
+        parse_space(yaml.safe_load(small.read_text()))
     path = SPACES_DIR / f"{name}.yaml"
-    small = write_space(tmp_path / f"{name}.yaml", *shrunk(path, image_folder))
+    small = write_space(tmp_path / f"{name}.yaml", *shrunk(path, image_folder, weights))
     taken = tmp_path / "results" / path.stem  # an earlier search's results: a new search never touches them
     taken.mkdir(parents=True)
     (taken / "best.yaml").write_text("precious: true\n")

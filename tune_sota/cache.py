@@ -308,9 +308,9 @@ class RandomResizedCropFlip(RandomResizedCropGPU):
     draws one crop for the batch and flips with a second full-size resampling. Validation resizes the
     whole image to `size`. Being a `RandomResizedCropGPU`, `data.set_train_size` changes its size."""
 
-    def __init__(self, size, min_scale: float = 0.35, flip: bool = True, **kwargs):
+    def __init__(self, size, min_scale: float = 0.35, flip: bool = True, flip_vert: bool = False, **kwargs):
         super().__init__(size, min_scale=min_scale, **kwargs)
-        self.flip = flip
+        self.flip, self.flip_vert = flip, flip and flip_vert  # fastai's: flip_vert only adds to a flip
 
     def before_call(self, b, split_idx):
         self.do, self.train = True, split_idx != 1
@@ -335,8 +335,15 @@ class RandomResizedCropFlip(RandomResizedCropGPU):
         oh, ow = self.size
         u = torch.linspace(-1 + 1 / ow, 1 - 1 / ow, ow, device=dev)  # pixel centres (align_corners=False)
         v = torch.linspace(-1 + 1 / oh, 1 - 1 / oh, oh, device=dev)
+        if self.flip_vert:  # fastai's Dihedral: a vertical flip, and a transpose, each on its own coin
+            h = h * torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0)
         w, h, cx, cy = (t[:, None, None] for t in (w, h, cx, cy))
-        grid = torch.stack(((w * u + cx).expand(n, oh, ow), (h * v[:, None] + cy).expand(n, oh, ow)), -1)
+        gx, gy = (w * u + cx).expand(n, oh, ow), (h * v[:, None] + cy).expand(n, oh, ow)
+        if self.flip_vert and oh == ow:  # transposed: output row i reads the crop's column i
+            t = (torch.rand(n, device=dev) < 0.5)[:, None, None]
+            gx, gy = torch.where(t, (w * v[:, None] + cx).expand(n, oh, ow), gx), \
+                torch.where(t, (h * u + cy).expand(n, oh, ow), gy)
+        grid = torch.stack((gx, gy), -1)
         # Sampled in fp32 whatever the images' dtype: grid_sample turns the grid into pixel coordinates in
         # the input's dtype, which in bf16 puts a sample up to half a pixel off at 128 px (fp16: 1/30).
         out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -349,7 +356,8 @@ def batch_tfms(cfg: Config, size: int, stats) -> list:
     FFCV's augmentation); with `augment: chapter7`, fastai's aug_transforms as the fastai pipeline runs them."""
     if cfg.augment == "chapter7":
         return data.batch_tfms(cfg, size, stats)
-    return [IntToFloatTensor(), RandomResizedCropFlip(size, min_scale=cfg.min_scale, flip=cfg.flip),
+    return [IntToFloatTensor(), RandomResizedCropFlip(size, min_scale=cfg.min_scale, flip=cfg.flip,
+                                                     flip_vert=cfg.flip_vert),
             Normalize.from_stats(*stats)]
 
 

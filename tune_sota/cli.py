@@ -362,10 +362,13 @@ def _train(args) -> int:
     from tune_sota import preflight
 
     preflight.check_presize(cfg.data, preflight.check_data(cfg.data), cfg.item_size)
-    from tune_sota import recipe
+    from tune_sota import pretrained, recipe
+
+    pretrained.resolve(cfg.pretrained, cfg.arch, download=True)  # published weights into the cache, or one line
 
     def on_epoch(r, learn):
-        print(f"epoch {r.epoch}/{r.epochs} at {r.size}px  train_loss {r.train_loss:.4f}  valid_loss "
+        head = " (head only)" if r.frozen else ""  # fine-tuning's frozen phase
+        print(f"epoch {r.epoch}/{r.epochs} at {r.size}px{head}  train_loss {r.train_loss:.4f}  valid_loss "
               f"{r.valid_loss:.4f}  accuracy {r.accuracy:.4f}  ({r.epoch_s:.1f}s)", flush=True)
 
     t0 = time.time()

@@ -111,6 +111,23 @@ def _keep(v):
     return None if ok else "a number of checkpoints per trial (1..1000) or 'all'"
 
 
+def _arch(v):
+    if v in ARCHS:
+        return None
+    import timm  # only for a name that is not fastai's: importing timm (and torch) takes seconds
+
+    if timm.is_model(v):
+        return None
+    return (f"one of {', '.join(ARCHS)} (fastai's), or a timm model name (timm.list_models(), e.g. resnet50, "
+            f"convnext_tiny, efficientnet_b0)")
+
+
+def _pretrained(v):
+    if isinstance(v, str) and not v.strip():
+        return "false, true, or the path of a weights file, a tune_sota model folder, a best.yaml or an export.pkl"
+    return None
+
+
 def _opt(default, help, check=None):
     return field(default=default, metadata={"help": help, "check": check})
 
@@ -138,9 +155,22 @@ class Config:
                      "imagenette2, imagewoof2-160|-320, imagewoof2, a folder with train/ and val/, a folder of "
                      "class folders (val/ = a stratified 20%), or a table {csv: labels.csv, folder: images} "
                      "(see README, Data)", _data)
-    arch: str = _opt("xresnet50", "model, trained from scratch: chapter 7's xresnet, or fastai's ResNeXt with "
-                     "squeeze-and-excitation (xse_) or without; width narrows the ResNeXt groups too (recipe)",
-                     _one_of(*ARCHS))
+    arch: str = _opt("xresnet50", "model: chapter 7's xresnet, or fastai's ResNeXt with squeeze-and-excitation "
+                     "(xse_) or without (width narrows the ResNeXt groups too: recipe), or any timm model name as "
+                     "fastai's vision_learner takes it (resnet50, convnext_tiny, efficientnet_b0; fastai's head "
+                     "on timm's body; width, act, sa and pool are xresnet's only)", _arch)
+    pretrained: bool | str = _opt(False, "start from trained weights (README, Fine-tuning): false = from scratch; "
+                                  "true = the timm model's published weights (Hugging Face cache; downloaded once "
+                                  "by the search's driver, never by a trial); PATH = a weights file (safetensors "
+                                  "or a torch state dict) or a tune_sota model (a train --out or trial folder, a "
+                                  "best.yaml, an export.pkl), its head replaced when the classes differ. The "
+                                  "model's own normalization statistics are used", _pretrained)
+    freeze_epochs: int = _opt(-1, "epochs that train the new head only (fastai's fine_tune), counted in `epochs`; "
+                              "0 = everything trains from the start; -1 = fastai's 1 with pretrained weights (when "
+                              "epochs > 1), 0 from scratch", _between(-1, 1000))
+    lr_mult: float = _opt(100.0, "discriminative rates after the unfreeze (fastai's fine_tune): the body's first "
+                          "layers train at lr/lr_mult, the head at lr (both halved, as fine_tune does); "
+                          "pretrained only", _between(1, 1e6))
     width: float = _opt(1.0, "channel-width multiplier; below 1 keeps CPU runs small", _between(0.0625, 4))
     act: str = _opt("relu", "activation in xresnet's layers: relu (chapter 7's) or mish (the Imagenette "
                     "leaderboard's)", _one_of("relu", "mish"))
@@ -156,9 +186,24 @@ class Config:
     presize: int = _opt(0, "item resize before batch augmentation; 0 = 1.25 x size", _between(0, 2048))
     min_scale: float = _opt(0.35, "smallest crop area of random-resized-crop", _between(0.05, 1))
     flip: bool = _opt(True, "random horizontal flips (off for data where mirroring changes the class)")
+    # Lesson 3's augmentations: fastai's aug_transforms arguments and defaults. They apply where fastai's
+    # transforms run: the fastai pipeline, and the cached one with augment: chapter7 (on the trial's
+    # device); crop_flip does crops and flips only (flip_vert included).
+    flip_vert: bool = _opt(False, "with flip, also flip vertically and transpose (fastai's Dihedral: the 8 "
+                           "symmetries of a square; satellite and microscope images)")
+    max_rotate: float = _opt(10.0, "largest random rotation in degrees (fastai's)", _between(0, 180))
+    max_zoom: float = _opt(1.1, "largest random zoom in (fastai's; 1 = none)", _between(1, 10))
+    max_lighting: float = _opt(0.2, "largest random change of brightness and contrast (fastai's; 0 = none)",
+                               _between(0, 0.99))
+    max_warp: float = _opt(0.2, "largest random perspective warp (fastai's; 0 = none, e.g. satellite images)",
+                           _between(0, 0.99))
+    p_affine: float = _opt(0.75, "probability of the affine transforms per image: rotation, zoom, warp (fastai's)",
+                           _between(0, 1))
+    p_lighting: float = _opt(0.75, "probability of the lighting change per image (fastai's)", _between(0, 1))
     batch_size: int = _opt(64, "images per batch", _between(1, 4096))
-    epochs: int = _opt(5, "epochs of the one-cycle schedule", _between(1, 1000))
-    lr: float = _opt(3e-3, "peak one-cycle learning rate", _between(1e-6, 10))
+    epochs: int = _opt(5, "epochs of the one-cycle schedule; with pretrained weights, of both fine-tuning phases "
+                       "together (fastai's fine_tune(4) = epochs: 5, freeze_epochs: 1)", _between(1, 1000))
+    lr: float = _opt(3e-3, "peak one-cycle learning rate (fine-tuning: fastai's base_lr)", _between(1e-6, 10))
     wd: float = _opt(0.01, "weight decay", _between(0, 1))
     opt: str = _opt("adam", "optimizer, fastai's own: adam (AdamW, chapter 7's), ranger (RAdam + Lookahead), "
                     "sgd (with momentum), rmsprop, lamb", _one_of(*OPTIMIZERS))
@@ -205,6 +250,18 @@ class Config:
         if self.arch.startswith("xse_") and self.width < 0.25:  # SE needs 16 channels: fastai's gives 0 below
             raise ConfigError(f"arch {self.arch} needs width >= 0.25 (its squeeze-and-excitation has no channel "
                               f"left at {self.width:g}); use a wider width or an arch without xse_")
+        if self.pretrained is True and self.arch in ARCHS:
+            raise ConfigError(f"pretrained: true needs a timm model (fastai publishes no weights for {self.arch}); "
+                              f"use e.g. arch: resnet50, or pretrained: PATH (a weights file or a tune_sota model)")
+        if self.pretrained is not False and self.normalize == "dataset":
+            raise ConfigError("normalize: dataset with pretrained weights: a pretrained model expects the "
+                              "statistics it was trained with, and uses them; drop normalize (or set imagenet)")
+        if self.freeze_epochs > 0 and self.pretrained is False:
+            raise ConfigError(f"freeze_epochs {self.freeze_epochs} needs pretrained weights (a model from scratch "
+                              f"has no trained body to keep frozen); set pretrained, or freeze_epochs: 0")
+        if self.freeze_epochs >= self.epochs:
+            raise ConfigError(f"freeze_epochs {self.freeze_epochs} leaves nothing to fine-tune in epochs "
+                              f"{self.epochs} (epochs counts both phases); use epochs > freeze_epochs")
         if self.pool == "max" and any(size % MAX_POOL_MULTIPLE for size, _ in self.stages):
             raise ConfigError(
                 f"pool: max needs every training size a multiple of {MAX_POOL_MULTIPLE} (size {self.size}, resize "
@@ -215,6 +272,13 @@ class Config:
     def stages(self) -> list[tuple[int, float]]:
         """The resize schedule as (size, share) pairs, the last at the final size."""
         return parse_schedule(self.resize) if self.resize else [(self.size, 1.0)]
+
+    @property
+    def frozen_epochs(self) -> int:
+        """Epochs that train the head only: `freeze_epochs`, or fastai's default for -1."""
+        if self.freeze_epochs >= 0:
+            return self.freeze_epochs
+        return 1 if self.pretrained is not False and self.epochs > 1 else 0
 
     @property
     def item_size(self) -> int:
@@ -297,7 +361,9 @@ BASELINE = {"lr": 3e-3, "mixup": 0.0, "label_smoothing": 0.0, "resize": "",
             # and none of the knobs beyond the chapter: Adam at fastai's settings, one-cycle, ReLU, no
             # self-attention, average-pool shortcuts (0 = fastai's default for mom, sqr_mom, eps, pct_start)
             "opt": "adam", "mom": 0.0, "sqr_mom": 0.0, "eps": 0.0, "sched": "one_cycle", "pct_start": 0.0,
-            "act": "relu", "sa": False, "pool": "avg"}
+            "act": "relu", "sa": False, "pool": "avg",
+            # fine-tuning: fastai's fine_tune defaults (a space's baseline: sets its lr, e.g. fine_tune's 2e-3)
+            "freeze_epochs": -1, "lr_mult": 100.0}
 
 
 @dataclass(frozen=True)
@@ -363,7 +429,7 @@ class Space:
 
 def _type_name(t) -> str:
     return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-            "int | str": "an integer or a string"}[t]
+            "int | str": "an integer or a string", "bool | str": "true, false or a string"}[t]
 
 
 def problem(f: dataclasses.Field, v) -> str | None:
@@ -375,6 +441,7 @@ def problem(f: dataclasses.Field, v) -> str | None:
         "str": isinstance(v, str),
         "bool": isinstance(v, bool),
         "int | str": isinstance(v, (int, str)) and not isinstance(v, bool),
+        "bool | str": isinstance(v, (bool, str)),
     }[t]
     if not ok:
         return f"{v!r} is not {_type_name(t)}"
@@ -516,14 +583,22 @@ def _data_mapping(raw: dict, where: str) -> dict:
 
 def _check_cross_fields(space: Space, where: str):
     """Check the rules that tie fields together on every combination a choice can make."""
-    for keys in (("size", "resize", "pool"), ("arch", "width")):
+    # The keys outside a combination take their first choice: a fixed `pretrained: true` needs a timm arch
+    # whichever of the searched ones it is, and never meets the schema's default xresnet50.
+    base = {**{k: v.args[0] for k, v in space.searched.items() if v.kind == "choice"}, **space.fixed_values()}
+    for keys in (("size", "resize", "pool"), ("arch", "width"), ("arch", "pretrained", "normalize"),
+                 ("arch", "pretrained", "freeze_epochs", "epochs")):
         if any(isinstance(space.values.get(k), Dist) and space.values[k].kind != "choice" for k in keys):
             continue  # a sampled size cannot be checked ahead; Config checks each sample
         for combo in itertools.product(*(space.options(k) for k in keys)):
             try:
-                Config(**{**space.fixed_values(), **dict(zip(keys, combo))})
+                Config(**{**base, **dict(zip(keys, combo))})
             except ConfigError as e:
                 raise ConfigError(f"{where}{e}") from None
+    epochs, freeze = space.values.get("epochs"), space.options("freeze_epochs")
+    if isinstance(epochs, Dist) and epochs.kind == "randint" and max(freeze) >= epochs.args[0]:
+        raise ConfigError(f"{where}freeze_epochs {max(freeze)} leaves nothing to fine-tune when epochs is "
+                          f"{epochs.args[0]} (epochs counts both phases); raise epochs' low end")
 
 
 def space_path(name_or_path: str) -> Path:
@@ -563,7 +638,12 @@ def load_space(name_or_path: str, overrides=()) -> Space:
 
 
 def _resolve_data(raw: dict, base: Path) -> dict:
-    """`raw` with relative `data:` folders (fixed or choices) made absolute against `base`."""
+    """`raw` with relative `data:` folders (fixed or choices) and a relative `pretrained:` path made absolute
+    against `base`."""
+    pre = raw.get("pretrained") if isinstance(raw, dict) else None
+    if isinstance(pre, str) and pre.strip() and not Path(pre).expanduser().is_absolute():
+        raw = {**raw, "pretrained": str((base / pre).resolve())}
+
     def resolve(v):
         if isinstance(v, dict) or (isinstance(v, str) and v.lstrip().startswith("{")):  # a data mapping
             try:

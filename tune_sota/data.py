@@ -31,11 +31,18 @@ class RGBImage(PILImage):
         return cls(sources.load_rgb(fn)) if isinstance(fn, (str, Path)) else super().create(fn, **kwargs)
 
 
+def augmentations(cfg: Config) -> list:
+    """fastai's aug_transforms with the config's lesson-3 keys (flips, affine, lighting), without a crop:
+    the random-resized crop that follows sets the size."""
+    return aug_transforms(do_flip=cfg.flip, flip_vert=cfg.flip_vert, max_rotate=cfg.max_rotate,
+                          max_zoom=cfg.max_zoom, max_lighting=cfg.max_lighting, max_warp=cfg.max_warp,
+                          p_affine=cfg.p_affine, p_lighting=cfg.p_lighting, min_scale=1.0)
+
+
 def batch_tfms(cfg: Config, size: int, stats) -> list:
     """Chapter 7's batch augmentation at `size`, then Normalize: fresh objects for each DataLoader."""
-    augs = aug_transforms(do_flip=cfg.flip, min_scale=1.0)  # affine + lighting; the crop sets the size
     crop = RandomResizedCropGPU(size, min_scale=cfg.min_scale)
-    return [IntToFloatTensor(), *augs, crop, Normalize.from_stats(*stats)]
+    return [IntToFloatTensor(), *augmentations(cfg), crop, Normalize.from_stats(*stats)]
 
 
 def set_train_size(dls: DataLoaders, size: int) -> None:
@@ -46,12 +53,25 @@ def set_train_size(dls: DataLoaders, size: int) -> None:
 
 
 def normalization(cfg: Config, dls: DataLoaders):
-    """Mean and std per channel: ImageNet's, or measured on one training batch."""
+    """Mean and std per channel: a pretrained model's own (`pretrained.stats`), ImageNet's, or measured on
+    one training batch."""
+    if cfg.pretrained is not False:
+        from tune_sota import pretrained
+
+        return pretrained.stats(cfg)
     if cfg.normalize == "imagenet":
         return imagenet_stats
     x = dls.train.one_batch()[0]
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+
+
+def stats_of(dls: DataLoaders) -> tuple[list[float], list[float]]:
+    """The mean and std the validation batches are normalized with (ImageNet's if none)."""
+    for tfm in dls.valid.after_batch.fs:
+        if isinstance(tfm, Normalize):
+            return tfm.mean.flatten().tolist(), tfm.std.flatten().tolist()
+    return list(imagenet_stats[0]), list(imagenet_stats[1])
 
 
 def fastai_dataloaders(cfg: Config, root: Path, *, workers: int, device: torch.device) -> DataLoaders:

@@ -29,7 +29,7 @@ from fastai.data.transforms import IntToFloatTensor, Normalize, parent_label
 from fastai.learner import Learner, load_learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-from fastai.vision.augment import Flip, RandomResizedCropGPU, Resize
+from fastai.vision.augment import Dihedral, Flip, RandomResizedCropGPU, Resize
 from fastai.vision.data import ImageBlock
 from fasttransform import Pipeline
 from PIL import Image
@@ -60,7 +60,7 @@ def _batch_tfms(cfg: Config, stats, train: bool) -> list:
         return data.batch_tfms(cfg, cfg.size, stats)  # all fastai's own classes already
     if not train:
         return [IntToFloatTensor(), Normalize.from_stats(*stats)]
-    flip = [Flip()] if cfg.flip else []
+    flip = ([Dihedral()] if cfg.flip_vert else [Flip()]) if cfg.flip else []
     return [IntToFloatTensor(), *flip, RandomResizedCropGPU(cfg.item_size, min_scale=cfg.min_scale),
             Normalize.from_stats(*stats)]
 

@@ -11,23 +11,19 @@ A finished search keeps only the checkpoints somebody may load (`prune`); `disk_
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 
-import yaml
-
-from tune_sota.config import Config, UserError, load_space, space_to_yaml, write_atomic
+from tune_sota.config import Config, UserError, space_to_yaml, write_atomic
+from tune_sota.saved import CONFIG_FILE, STATE_FILE, locate  # noqa: F401  (locate: load_model's, and callers')
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"  # the same name as a trial checkpoint's (trainable.STATE_FILE)
-CONFIG_FILE = "config.yaml"
 SCORES_FILE = "scores.json"
-PARAMS_FILE = "params.json"  # Ray's record of a trial's config, in the trial folder
 
 
 def default_out(config_path: Path) -> Path:
@@ -50,51 +46,14 @@ def save(learn, cfg: Config, folder: Path, scores: dict, **about) -> Path:
     except FileExistsError:
         raise UserError(f"--out {folder} exists; give a new folder (nothing is overwritten)") from None
     buf = io.BytesIO()  # the weights only: an optimizer state would double the file for nothing
-    torch.save({"model": learn.model.state_dict(), "opt": None, "epoch": cfg.epochs}, buf)
+    from tune_sota.recipe import about_model
+
+    torch.save({"model": learn.model.state_dict(), "opt": None, "epoch": cfg.epochs, **about_model(learn)}, buf)
     (folder / STATE_FILE).write_bytes(buf.getvalue())
     header = f"# The config of this model; train it again: tune-sota train --config {folder / CONFIG_FILE}\n"
     write_atomic(folder / CONFIG_FILE, header + space_to_yaml(cfg.to_dict()))
     write_atomic(folder / SCORES_FILE, json.dumps({**scores, **about}, indent=1) + "\n")
     return folder
-
-
-def _config_from_params(params_file: Path) -> Config:
-    params = json.loads(params_file.read_text())
-    if isinstance(params.get("run"), dict):  # a confirmation run: its config is inside the run spec
-        params = params["run"].get("config", {})
-    known = Config.__dataclass_fields__
-    return Config(**{k: v for k, v in params.items() if k in known})
-
-
-def _newest_checkpoint(trial_dir: Path) -> Path | None:
-    found = [p for p in trial_dir.glob("checkpoint_*") if (p / STATE_FILE).is_file()]
-    return max(found, key=lambda p: int(re.sub(r"\D", "", p.name) or 0)) if found else None
-
-
-def locate(path) -> tuple[Path, Config]:
-    """(the state.pt file, the Config that rebuilds its Learner) for anything `load_model` accepts."""
-    p = Path(path).expanduser()
-    if p.is_file() and p.suffix in (".yaml", ".yml"):  # best.yaml: the confirmed model, else the winning trial
-        result = (yaml.safe_load(p.read_text()) or {}).get("result") or {}
-        checkpoint = result.get("confirmed_checkpoint") or result.get("checkpoint")
-        if not checkpoint:
-            raise UserError(f"{p} names no checkpoint; train it into a model: tune-sota train --config {p} --out DIR")
-        return locate(checkpoint)
-    if not p.is_dir():
-        raise UserError(f"{p} does not exist; give a `tune-sota train --out` folder, a trial folder or checkpoint "
-                        f"of a search, or a best.yaml")
-    if not (p / STATE_FILE).is_file():
-        newest = _newest_checkpoint(p)
-        if newest is None:
-            raise UserError(f"{p} holds no {STATE_FILE} and no checkpoint_*/{STATE_FILE} (a search keeps the "
-                            f"checkpoints of its best trials only, unless search.keep_checkpoints is all)")
-        p = newest
-    if (p / CONFIG_FILE).is_file():
-        return p / STATE_FILE, load_space(str(p / CONFIG_FILE)).fixed()
-    if (p.parent / PARAMS_FILE).is_file():
-        return p / STATE_FILE, _config_from_params(p.parent / PARAMS_FILE)
-    raise UserError(f"{p} has {STATE_FILE} but no {CONFIG_FILE} beside it nor {PARAMS_FILE} above it, so its "
-                    f"Learner cannot be rebuilt")
 
 
 def load_model(path, *, cpus: float | None = None):
@@ -108,12 +67,36 @@ def load_model(path, *, cpus: float | None = None):
 
     state_file, cfg = locate(path)
     workers, device = recipe.resources(cfg, cpus)
-    learn = recipe.build_learner(cfg, recipe.make_dataloaders(cfg, workers=workers, device=device))
-    recipe.load_state(learn, state_file.read_bytes())
+    blob = state_file.read_bytes()
+    # A fine-tuned model loads without the weights it started from (they may be gone): the same model
+    # built empty, normalized with the statistics saved beside its weights.
+    build = cfg if cfg.pretrained is False else dataclasses.replace(cfg, pretrained=False, freeze_epochs=0,
+                                                                    normalize="imagenet")
+    learn = recipe.build_learner(build, recipe.make_dataloaders(build, workers=workers, device=device))
+    recipe.load_state(learn, blob)
+    if build is not cfg:
+        _set_stats(learn.dls, cfg, blob)
     learn.config = cfg  # what it was trained with, for the caller
     if cfg.pipeline == "cached":
         learn.dls.test_dl = _cached_test_dl(learn.dls, cfg)
     return learn
+
+
+def _set_stats(dls, cfg: Config, blob: bytes) -> None:
+    """Normalize `dls` with the statistics saved in `blob` (else those `pretrained.stats` names)."""
+    import torch
+    from fastai.data.transforms import Normalize
+
+    saved = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True).get("stats")
+    if not saved:
+        from tune_sota import pretrained
+
+        saved = pretrained.stats(cfg)
+    new = Normalize.from_stats(*saved, cuda=False)
+    for dl in (dls.train, dls.valid):
+        for tfm in dl.after_batch.fs:
+            if isinstance(tfm, Normalize):
+                tfm.mean, tfm.std = new.mean.to(tfm.mean.device), new.std.to(tfm.std.device)
 
 
 def _cached_test_dl(dls, cfg: Config):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from tune_sota import cluster, sources
-from tune_sota.config import Space, UserError, presize_of
+from tune_sota import cluster, pretrained, sources
+from tune_sota.config import ARCHS, Config, Space, UserError, presize_of
 
 
 def check_data(data: str, out=print) -> sources.Scan | None:
@@ -101,3 +101,28 @@ def check(space: Space, address: str | None = None, out=print) -> None:
         check_presize(d, found, max(_item_sizes(space)), out)
     check_gpus(space.search.gpus_per_trial, address)
     cluster.check_address(address)
+    check_pretrained(space)  # last: it may download published weights (once, here, never in a trial)
+
+
+def check_pretrained(space) -> None:
+    """Resolve every `pretrained:` value of a space once, before Ray starts: download published weights
+    into the cache (or stop with one line), and check that files and models exist and fit their arch (the
+    model built here once, so that weights of another model are one line, not an error in every trial)."""
+    base = {**{k: v.args[0] for k, v in space.searched.items() if v.kind == "choice"}, **space.fixed_values()}
+    for value in space.options("pretrained"):
+        for arch in space.options("arch"):
+            if value is True and arch in ARCHS:
+                continue  # Config names this combination's mistake
+            w = pretrained.resolve(value, arch, download=True)
+            if w is not None and w.kind != "hub":
+                from tune_sota import recipe  # torch and fastai: only for a search that starts from a file
+
+                cfg = Config(**{**base, "arch": arch, "pretrained": value})
+                try:
+                    recipe.model_for(cfg, ["", " "])
+                except UserError:
+                    raise
+                except Exception as e:  # timm's own loader: a file of another model
+                    first = str(e).splitlines()[0][:300] if str(e) else ""
+                    raise UserError(f"pretrained: {value} does not load into {arch}: {type(e).__name__}: {first}; "
+                                    f"give weights of the same model") from None

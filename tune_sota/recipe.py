@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import math
 import os
 import random
@@ -28,17 +29,19 @@ from fastai.learner import AvgSmoothLoss, Learner, Recorder
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import SGD, Adam, Lamb, RMSProp, ranger
-from fastai.torch_core import set_seed
+from fastai.torch_core import params, set_seed
+from fastai.vision.learner import create_timm_model, default_split
 from fastai.vision.models import xresnet
 from fastcore.foundation import L
 from torch import nn
 
-from tune_sota import cache, data, precision, sources
-from tune_sota.config import Config, plain
+from tune_sota import cache, data, precision, pretrained, sources
+from tune_sota.config import ARCHS, Config, plain
 from tune_sota.results import EpochReport
 from tune_sota.schedule import size_at_epoch
 
 OnEpoch = Callable[[EpochReport, Learner], None]
+log = logging.getLogger(__name__)
 
 
 class ProgressiveResize(Callback):
@@ -48,7 +51,8 @@ class ProgressiveResize(Callback):
         self.cfg = cfg
 
     def before_epoch(self):
-        self.learn.train_size = size_at_epoch(self.cfg.stages, self.n_epoch, self.epoch)
+        epoch = getattr(self.learn, "epoch_offset", 0) + self.epoch  # of the whole run: fine-tuning fits twice
+        self.learn.train_size = size_at_epoch(self.cfg.stages, self.cfg.epochs, epoch)
         data.set_train_size(self.dls, self.learn.train_size)
 
 
@@ -57,8 +61,18 @@ class EpochEnd(Callback):
 
     order = Recorder.order + 1  # after the Recorder has computed the epoch's metrics
 
-    def __init__(self, on_epoch: OnEpoch | None, start_epoch: int):
+    def __init__(self, on_epoch: OnEpoch | None, start_epoch: int, epochs: int | None = None):
         self.on_epoch, self.start_epoch, self.diverged = on_epoch, start_epoch, False
+        self.epochs = epochs  # of the whole run (fine-tuning's two fits count as one schedule); None: this fit's
+
+    @property
+    def run_epoch(self) -> int:
+        """This epoch (0-based) in the whole run: fine-tuning's second fit starts after the frozen epochs."""
+        return getattr(self.learn, "epoch_offset", 0) + self.epoch
+
+    @property
+    def run_epochs(self) -> int:
+        return self.epochs or self.n_epoch
 
     def before_epoch(self):
         self.t0, self.cpu0 = time.perf_counter(), time.process_time()
@@ -74,21 +88,22 @@ class EpochEnd(Callback):
             raise CancelFitException()
 
     def after_epoch(self):
-        if self.epoch < self.start_epoch:  # skipped while resuming from a checkpoint
+        if self.run_epoch < self.start_epoch:  # skipped while resuming from a checkpoint
             return
         values = list(self.recorder.values[-1]) if self.recorder.values else []
         train_loss, valid_loss, acc = (values + [math.nan] * 3)[:3]
         report = EpochReport(
-            epoch=self.epoch + 1, epochs=self.n_epoch, size=getattr(self.learn, "train_size", 0),
+            epoch=self.run_epoch + 1, epochs=self.run_epochs, size=getattr(self.learn, "train_size", 0),
             train_loss=float(train_loss), valid_loss=float(valid_loss), accuracy=float(acc),
             epoch_s=time.perf_counter() - self.t0, diverged=self.diverged, cpu_s=time.process_time() - self.cpu0,
+            frozen=bool(getattr(self.learn, "frozen_phase", False)),
         )
         if self.on_epoch:
             self.on_epoch(report, self.learn)
 
     def after_cancel_fit(self):
         if self.diverged and self.on_epoch:  # after_epoch does not run once the fit is cancelled
-            self.on_epoch(EpochReport(self.epoch + 1, self.n_epoch, getattr(self.learn, "train_size", 0),
+            self.on_epoch(EpochReport(self.run_epoch + 1, self.run_epochs, getattr(self.learn, "train_size", 0),
                                       math.nan, math.nan, 0.0, time.perf_counter() - self.t0, True), self.learn)
 
 
@@ -162,25 +177,94 @@ def opt_func(cfg: Config):
 
 
 def fit(learn: Learner, cfg: Config, cbs: list, start_epoch: int = 0) -> None:
-    """Fit with the config's schedule from `start_epoch`: fastai's one-cycle, or its flat-then-cosine."""
-    if cfg.sched == "one_cycle":
-        # fastai cycles momentum 0.95>0.85>0.95 over any optimizer's own; a `mom` set holds it constant.
-        moms = (cfg.mom,) * 3 if cfg.mom else None
-        learn.fit_one_cycle(cfg.epochs, cfg.lr, pct_start=cfg.pct_start or 0.25, wd=cfg.wd, moms=moms, cbs=cbs,
+    """Fit with the config's schedule from `start_epoch`: fastai's one-cycle, or its flat-then-cosine.
+    With pretrained weights it is fastai's `fine_tune`: the head alone for `cfg.frozen_epochs` (one-cycle
+    at lr, pct_start 0.99), then everything with discriminative rates (lr/2/lr_mult .. lr/2, div 5,
+    pct_start 0.3 unless set), one count of `cfg.epochs` across both fits (`learn.epoch_offset`), so that
+    reports, rungs, resizing and resume see one schedule; `start_epoch` may fall in either phase."""
+    moms = (cfg.mom,) * 3 if cfg.mom else None  # fastai cycles 0.95>0.85>0.95 over any optimizer's own
+    learn.epoch_offset, learn.frozen_phase = 0, False
+    if cfg.pretrained is False:
+        _fit_schedule(learn, cfg, cfg.epochs, cfg.lr, cbs, start_epoch, moms)
+        return
+    frozen = cfg.frozen_epochs
+    if start_epoch < frozen:
+        _freeze(learn, True, keep_state=start_epoch > 0)
+        learn.frozen_phase = True
+        learn.fit_one_cycle(frozen, slice(cfg.lr), pct_start=0.99, wd=cfg.wd, moms=moms, cbs=cbs,
                             start_epoch=start_epoch)
+    _freeze(learn, False, keep_state=start_epoch > frozen)
+    learn.epoch_offset, learn.frozen_phase = frozen, False
+    lr = cfg.lr / 2
+    _fit_schedule(learn, cfg, cfg.epochs - frozen, slice(lr / cfg.lr_mult, lr), cbs,
+                  max(0, start_epoch - frozen), moms, pct_start=cfg.pct_start or 0.3, div=5.0)
+
+
+def _freeze(learn: Learner, frozen: bool, keep_state: bool) -> None:
+    """fastai's `freeze` (the head alone trains) or `unfreeze`; these also clear the optimizer's state, as
+    fine_tune does at the unfreeze, except that a run resumed inside a phase keeps the state it loaded."""
+    if learn.opt is None:
+        learn.create_opt()
+    learn.opt.freeze_to(-1 if frozen else 0)
+    if not keep_state:
+        learn.opt.clear_state()
+
+
+def _fit_schedule(learn: Learner, cfg: Config, epochs: int, lr, cbs: list, start_epoch: int, moms,
+                  pct_start: float = 0.0, div: float = 25.0) -> None:
+    """One fit of `epochs` with the config's schedule at `lr` (a rate, or a slice spread over the parameter
+    groups as fastai spreads it)."""
+    if cfg.sched == "one_cycle":
+        learn.fit_one_cycle(epochs, lr, pct_start=pct_start or cfg.pct_start or 0.25, div=div, wd=cfg.wd, moms=moms,
+                            cbs=cbs, start_epoch=start_epoch)
         return
     # fit_flat_cos's own schedule (flat at lr, cosine to lr/1e5; momentum left to the optimizer), written
     # out because fastai 2.8's fit_flat_cos passes start_epoch=0 to fit: a resumed trial would restart.
     pct = cfg.pct_start or 0.75
-    sched = ParamScheduler({"lr": combined_cos(pct, cfg.lr, cfg.lr, cfg.lr / 1e5)})
-    learn.fit(cfg.epochs, cbs=[sched, *cbs], wd=cfg.wd, start_epoch=start_epoch)
+    if isinstance(lr, slice):
+        if learn.opt is None:
+            learn.create_opt()
+        learn.opt.set_hyper("lr", lr)
+        lr = np.array([h["lr"] for h in learn.opt.hypers])
+    sched = ParamScheduler({"lr": combined_cos(pct, lr, lr, lr / 1e5)})
+    learn.fit(epochs, cbs=[sched, *cbs], wd=cfg.wd, start_epoch=start_epoch)
+
+
+def _body_head_split(model: nn.Module):
+    """Two parameter groups, the body and the head (fastai's split of a timm model, `default_split`): what
+    `freeze` keeps frozen and what `lr_mult` spreads the rates over."""
+    *body, head = model.children()  # an XResNet cannot be sliced into a smaller XResNet
+    return L(nn.Sequential(*body), head).map(params)
+
+
+def model_for(cfg: Config, classes: list[str]) -> tuple[nn.Module, Callable | None]:
+    """The config's model for `classes` and its parameter-group splitter (None: one group): fastai's xresnet
+    (`make_model`) or a timm body with fastai's head (`create_timm_model`, as `vision_learner` builds it),
+    from scratch or with the weights `cfg.pretrained` names. Never downloads (the driver did: `pretrained`)."""
+    weights = pretrained.resolve(cfg.pretrained, cfg.arch)
+    if cfg.arch in ARCHS:
+        model, split = make_model(cfg, len(classes)), _body_head_split
+    else:
+        overlay = {"file": str(weights.path)} if weights is not None and weights.kind in ("hub", "file") else None
+        model, _ = create_timm_model(cfg.arch, len(classes), pretrained=overlay is not None,
+                                     **({"pretrained_cfg_overlay": overlay} if overlay else {}))
+        split = default_split
+        if overlay:  # timm loaded them (its classifier dropped): fastai's head is new
+            log.info("pretrained: %s: timm's weights for the body, a new head for %d classes", weights.path,
+                     len(classes))
+            return model, split
+    if weights is None:
+        return model, (split if cfg.arch not in ARCHS else None)
+    log.info("pretrained: %s", pretrained.load_into(model, weights, classes))
+    return model, split
 
 
 def build_learner(cfg: Config, dls) -> Learner:
-    """An xresnet from scratch with the config's loss, metrics, optimizer and precision; quiet (no bars)."""
-    model = make_model(cfg, dls.c)
+    """The config's model (`model_for`) with its loss, metrics, optimizer and precision; quiet (no bars)."""
+    model, splitter = model_for(cfg, [str(c) for c in dls.vocab])
     loss = LabelSmoothingCrossEntropyFlat(eps=cfg.label_smoothing) if cfg.label_smoothing else CrossEntropyLossFlat()
-    learn = Learner(dls, model, loss_func=loss, metrics=accuracy, wd=cfg.wd, opt_func=opt_func(cfg))
+    learn = Learner(dls, model, loss_func=loss, metrics=accuracy, wd=cfg.wd, opt_func=opt_func(cfg),
+                    **({"splitter": splitter} if splitter else {}))
     learn.remove_cb(ProgressCallback)  # bars and per-epoch tables flood logs; EpochEnd reports instead
     learn.logger = lambda *_: None
     learn.recorder.smooth_loss = DeviceSmoothLoss()  # no per-batch copy of the loss to the host
@@ -210,7 +294,7 @@ def train(cfg: Config, *, cpus: float | None = None, on_epoch: OnEpoch | None = 
     start_epoch = 0
     if checkpoint is not None:
         start_epoch = load_state(learn, checkpoint)
-    cbs = [ProgressiveResize(cfg), EpochEnd(on_epoch, start_epoch)]
+    cbs = [ProgressiveResize(cfg), EpochEnd(on_epoch, start_epoch, cfg.epochs)]
     if cfg.mixup > 0:
         cbs.append(MixUp(cfg.mixup))
     if progress:
@@ -236,8 +320,15 @@ def save_state(learn: Learner, epochs_done: int) -> bytes:
     buf = io.BytesIO()
     # Optimizer hyper-parameters hold numpy scalars (and fastcore's L): plain values load with weights_only.
     opt = plain(dict(learn.opt.state_dict())) if learn.opt is not None else None
-    torch.save({"model": learn.model.state_dict(), "opt": opt, "epoch": epochs_done, "rng": rng_state(learn)}, buf)
+    torch.save({"model": learn.model.state_dict(), "opt": opt, "epoch": epochs_done, "rng": rng_state(learn),
+                **about_model(learn)}, buf)
     return buf.getvalue()
+
+
+def about_model(learn: Learner) -> dict:
+    """The classes and normalization statistics a model was trained with, saved beside its weights so
+    that a fine-tune from it (`pretrained: PATH`) knows whether to keep its head and how to normalize."""
+    return {"classes": [str(c) for c in learn.dls.vocab], "stats": [list(s) for s in data.stats_of(learn.dls)]}
 
 
 def rng_state(learn: Learner) -> dict:

@@ -36,6 +36,7 @@ class EpochReport:
     # CPU seconds of the training process in this epoch (all its threads): on a shared machine wall
     # seconds measure the neighbours too; bench/record_curves.py records both.
     cpu_s: float = math.nan
+    frozen: bool = False  # fine-tuning's first phase: the head alone trains (rungs wait for the unfreeze)
 
     def row(self, **extra) -> dict:
         """The report as a flat metrics dict, with `extra` columns (error, node, start_epoch...)."""

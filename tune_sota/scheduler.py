@@ -150,12 +150,13 @@ class ScheduleASHA(FIFOScheduler):
         return self.groups.get(trial_id, self.DEFAULT_GROUP)
 
     def decide(self, trial_id: str, epoch: int, epochs: int, value: float, group: str = DEFAULT_GROUP,
-               at_final_size: bool = True) -> str:
+               at_final_size: bool = True, unfrozen: bool = True) -> str:
         """CONTINUE or STOP for a trial that finished `epoch` of `epochs` with `value`, judged against the
         trials of the same schedule shape `group` (the rule itself, without Ray: what `on_trial_result`
         applies). A trial still in an earlier, smaller stage of progressive resizing (`at_final_size`
-        False) is not judged yet: its rungs wait for its first epoch at the final size."""
-        if epochs <= 0 or epoch >= epochs or not math.isfinite(value):
+        False) is not judged yet: its rungs wait for its first epoch at the final size. Nor is a fine-tune
+        still training its head alone (`unfrozen` False): a frozen body's accuracy is another regime."""
+        if epochs <= 0 or epoch >= epochs or not math.isfinite(value) or not unfrozen:
             return TrialScheduler.CONTINUE
         if self.final_size and not at_final_size:
             return TrialScheduler.CONTINUE
@@ -191,7 +192,7 @@ class ScheduleASHA(FIFOScheduler):
         final = config.get("size") or Config.size
         at_final = not result.get("size") or int(result["size"]) >= int(final)  # no size reported: a final epoch
         return self.decide(trial.trial_id, int(result["epoch"]), int(result["epochs"]), float(result[self.key]),
-                           group=str(group), at_final_size=at_final)
+                           group=str(group), at_final_size=at_final, unfrozen=not result.get("frozen"))
 
     def debug_string(self) -> str:
         return "ScheduleASHA: " + ", ".join(f"{s:.0%} of schedule: {len(r)} recorded" for s, r in self.records.items())

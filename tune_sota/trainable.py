@@ -90,7 +90,9 @@ def _run(config: dict, tta: bool, shares=(), every: int = 0, final_size: bool = 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     cfg = Config(**config)
-    checkpoint_at = checkpoint_epochs(cfg.epochs, shares, every, first_final_epoch(cfg) if final_size else 1)
+    # a rung judges a fine-tune only once it has unfrozen (scheduler.ScheduleASHA), so it checkpoints there
+    first_judged = max(first_final_epoch(cfg) if final_size else 1, cfg.frozen_epochs + 1)
+    checkpoint_at = checkpoint_epochs(cfg.epochs, shares, every, first_judged)
     blob, restored = None, {}
     if (ckpt := tune.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
