@@ -10,8 +10,8 @@ on, two trials at once) at 30, 100, 300 and 1,000 trials, each measured in its o
 - `tune-sota trials` (a fresh process) and `load_trials` on the finished search;
 - report.html's size and the time until its charts are drawn in headless Chromium.
 
-    flock /work/notes/cpu.lock python bench/scale.py --sizes 30 100     # each size one recorded row
-    flock /work/notes/cpu.lock python bench/scale.py --resume-at 300    # a resumed search of 300 trials
+    python bench/scale.py --sizes 30 100     # each size one recorded row
+    python bench/scale.py --resume-at 300    # a resumed search of 300 trials
 
 Resumable in chunks: each size's row is kept in bench/scale.json, and a rerun measures only the sizes it
 lacks (--redo measures again). Every run appends the table of all rows to bench/RESULTS.md and redraws
@@ -554,7 +554,7 @@ def main():
     print(text)
     if measured and not args.no_record:
         note = (f"\n\nMeasured now: {', '.join(measured)}; the other rows are from bench/scale.json (dated there). "
-                "Run under `flock /work/notes/cpu.lock` (the machine otherwise lightly used). Trial: digits at 8 px, "
+                "Run one heavy job at a time (the machine otherwise lightly used). Trial: digits at 8 px, "
                 "xresnet18 width 0.0625, 1-2 epochs, lr, epochs and label smoothing searched by TPE (4 random first), "
                 "ASHA (grace 0.5, rf 2), 2 trials of 1 CPU at once, a 10% holdout, no confirmation. Plot: "
                 "bench/scale.png.")

@@ -3,7 +3,7 @@ images a class? Transfer against scratch at the same budget, a finetune-cpu sear
 fine_tune defaults, and progressive resizing in this transfer ("Try it!", chapter 7), over seeds.
 
     python bench/transfer.py --prepare   # the symlink folders and the source model only (results/transfer/)
-    flock /work/notes/cpu.lock python bench/transfer.py --seeds 5
+    python bench/transfer.py --seeds 5
 
 Everything lands under results/transfer/ (never committed): source/ (the source model, a tune-sota
 train --out folder), data-source/ and target/ (symlink folders into the shared Imagenette), the search's
