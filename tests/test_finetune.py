@@ -226,7 +226,7 @@ def test_a_search_whose_rung_waits_for_the_unfreeze(tmp_path):
     run = cli("search", "--space", space, "--results", tmp_path / "results")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = tmp_path / "results" / "ft"
-    records = json.loads((results / "scheduler.json").read_text())["0.25"]
+    records = json.loads((results / "state" / "scheduler.json").read_text())["0.25"]
     history = pd.read_csv(results / "history.csv")
     assert len(records) == 3
     moved = 0
