@@ -126,16 +126,6 @@ def install_timers() -> dict:
     return fit_figures
 
 
-def folder_bytes(*folders: Path) -> int:
-    seen, total = set(), 0
-    for folder in folders:
-        for p in Path(folder).rglob("*"):
-            if p.is_file() and not p.is_symlink() and p.resolve() not in seen:
-                seen.add(p.resolve())
-                total += p.stat().st_size
-    return total
-
-
 # ---- the report in a browser ---------------------------------------------------------------------------
 
 
@@ -180,7 +170,7 @@ def measure(n: int, work: Path) -> dict:
 
     warnings.filterwarnings("ignore")
     fit = live_fit = install_timers()
-    from tune_sota import load_trials, search
+    from tune_sota import load_trials, model, runstate, search
     from tune_sota.config import parse_space
 
     space = parse_space(space_values(n), name=f"scale{n}")
@@ -222,7 +212,8 @@ def measure(n: int, work: Path) -> dict:
         "driver_cpu_s": fit["process_cpu_s"], "driver_main_cpu_s": fit["main_cpu_s"],
         "components": fit["components"], "calls": calls, "end_s": end_s,
         "peak_mb": peak_mb, "study_db_bytes": sum(p.stat().st_size for p in folder.glob("study.db*")),  # with its -wal
-        "results_bytes": folder_bytes(folder), "scheduler_json_bytes": _size(folder / "scheduler.json"),
+        "results_bytes": model.disk_usage(folder),
+        "scheduler_json_bytes": _size(Path(runstate.state_file(folder, "scheduler.json"))),
         "progress_lines": sum(1 for _ in open(work / "progress.log")), "load_trials_s": load_s, "trials_cli_s": cli_s,
         "report_bytes": page.stat().st_size if page.is_file() else None,
         "paint": painted, "resume": resumed,
