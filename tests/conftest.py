@@ -37,8 +37,8 @@ def image_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def slower_folder(tmp_path_factory) -> Path:
-    """Enough images that an epoch takes about a second: time to lose a node, or to interrupt, mid-trial
-    (the cluster, fault and resume tests share it)."""
+    """Enough images that an epoch takes a fraction of a second (0.3 s on a 2-core CI box): give a test that
+    loses a node, or interrupts, mid-trial enough epochs (the cluster, fault and resume tests share it)."""
     return make_image_folder(tmp_path_factory.mktemp("data") / "bigger", per_class=(80, 10), px=32)
 
 

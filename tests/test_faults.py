@@ -42,14 +42,14 @@ def _results(folder: Path) -> list[dict]:
     return out
 
 
-def _wait(predicate, timeout: float, what: str, proc=None):
+def _wait(predicate, timeout: float, what: str, proc=None, every: float = 0.5):
     end = time.time() + timeout
     while time.time() < end:
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"search ended (rc {proc.returncode}) before {what}: {proc.stdout.read()[-3000:]}")
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 

@@ -301,26 +301,39 @@ def test_load_model_says_what_it_needs(tmp_path):
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_stops_in_seconds_and_resumes(tmp_path, slower_folder):
     """As SLURM's scancel, systemd and `timeout` do: SIGTERM to the whole group, the local Ray's daemons
-    included. The search once hung 60 s on "Failed to connect to GCS", exited 1 and stayed `running`."""
-    space = write_space(tmp_path / "group.yaml", {**tiny(slower_folder, epochs=3, size=32, presize=32),
+    included. The search once hung 60 s on "Failed to connect to GCS", exited 1 and stayed `running`; and a
+    SIGTERM among the writing after the trials (tables, best.yaml, the export) ended it with no resume line."""
+    # 20 epochs of a fraction of a second: the first SIGTERM lands while both trials certainly train
+    space = write_space(tmp_path / "group.yaml", {**tiny(slower_folder, epochs=20, size=32, presize=32),
                                                   "lr": {"loguniform": [1e-3, 1e-2]}},
                         {"num_samples": 2, "max_concurrent": 2, "cpus_per_trial": 1, "scheduler": "fifo",
                          "confirm_top": 0})
     results = tmp_path / "results"
     folder = results / "group"
-    proc = _popen("search", "--space", space, "--results", results)  # its own session: a group to signal
-    _wait(lambda: any(r["epoch"] >= 1 for r in _results(folder)), 300, "a trial's first epoch", proc)
-    os.killpg(proc.pid, signal.SIGTERM)
-    t0 = time.monotonic()
-    out, _ = proc.communicate(timeout=120)
-    took = time.monotonic() - t0
-    assert proc.returncode == 143, out[-3000:]
-    assert took < 20, f"{took:.0f} s from SIGTERM to exit"
-    assert "Failed to connect to GCS" not in out
-    assert yaml.safe_load((folder / "run.yaml").read_text())["status"] == "interrupted"
-    resume_line = [line for line in out.splitlines() if "resume with:" in line]
-    assert len(resume_line) == 1 and "--resume group" in resume_line[0], out[-3000:]
-    resumed = cli(*_resume_argv(resume_line[0]))
+
+    def stopped_by_sigterm(proc, when, what):
+        _wait(when, 300, what, proc, every=0.02)
+        os.killpg(proc.pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 143, out[-3000:]
+        assert time.monotonic() - t0 < 20, f"{time.monotonic() - t0:.0f} s from SIGTERM to exit"
+        assert "Failed to connect to GCS" not in out and "Traceback" not in out, out[-3000:]
+        assert yaml.safe_load((folder / "run.yaml").read_text())["status"] == "interrupted"
+        resume_line = [line for line in out.splitlines() if "resume with:" in line]
+        assert len(resume_line) == 1 and "--resume group" in resume_line[0], out[-3000:]
+        return _resume_argv(resume_line[0])
+
+    first = _popen("search", "--space", space, "--results", results)  # its own session: a group to signal
+    argv = stopped_by_sigterm(first, lambda: any(r["epoch"] >= 1 for r in _results(folder)), "a trial's first epoch")
+    assert set(load_trials(folder).status) == {"interrupted"}
+    # resumed, then stopped again once the trials are done and the search writes its tables and export
+    again = _popen(*argv)
+    stopped_by_sigterm(again, lambda: (folder / "trials.csv").exists(), "the trial table")
+    assert not (folder / "export").exists(), "an interrupted search has no export"
+    resumed = cli(*argv)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert yaml.safe_load((folder / "run.yaml").read_text())["status"] == "finished"
     trials = load_trials(folder)
     assert len(trials) == 2 and set(trials.status) == {"completed"} and trials.lr.is_unique, trials
+    assert (folder / "export" / "export.pkl").is_file() and not (folder / "export.partial").exists()

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import CategoryMap, IntToFloatTensor, Normalize
-from fastai.torch_core import TensorCategory
+from fastai.torch_core import TensorCategory, TensorMultiCategory
 from fastai.vision.augment import RandomResizedCropGPU
 from fastai.vision.core import TensorImage
 from PIL import Image
@@ -229,7 +229,7 @@ class CachedImages:
 
     def __getitem__(self, i):
         i = i if self.rows is None else self.rows[i]
-        return TensorImage(self.x[i]), TensorCategory(self.y[i])
+        return TensorImage(self.x[i]), _target(self.y[i])
 
     @property
     def c(self) -> int:
@@ -248,6 +248,18 @@ class CachedImages:
         self.x, self.y = self.x.to(device), self.y.to(device)
         self.rows = None if self.rows is None else self.rows.to(device)
         return self
+
+
+def _target(y: torch.Tensor):
+    """A class index, or a multi-label row of 0/1 (`as_multi_label`), as fastai's loss and metrics take it."""
+    return TensorMultiCategory(y) if y.is_floating_point() else TensorCategory(y)
+
+
+def as_multi_label(images: CachedImages, root: Path) -> CachedImages:
+    """`images` of a multi-label split view with each label set (a class index) made a row of 0/1 per label."""
+    delim, labels = sources.multi_label(root)
+    hot = torch.from_numpy(sources.multi_hot(list(images.vocab), delim, labels))
+    return CachedImages(images.x, hot[images.y], labels, images.split_idx, rows=images.rows)
 
 
 def load_split(folder: Path, split: str, split_idx: int) -> CachedImages:
@@ -299,7 +311,7 @@ class CachedDL(TfmdDL):
         if self.device is not None and self.device.type == "cuda" and x.device.type == "cpu":
             x = x.pin_memory().to(self.device, non_blocking=True)
             y = y.pin_memory().to(self.device, non_blocking=True)
-        return TensorImage(x), TensorCategory(y)
+        return TensorImage(x), _target(y)
 
 
 class RandomResizedCropFlip(RandomResizedCropGPU):
@@ -395,6 +407,8 @@ def cached_dataloaders(cfg: Config, root: Path, *, device: torch.device,
         train, valid = load_holdout(build(root, cfg.item_size, ("train",)), cfg.holdout)
     else:
         train, valid = load(build(root, cfg.item_size))
+    if sources.multi_label(root) is not None:  # after the holdout: it is drawn per label set
+        train, valid = as_multi_label(train, root), as_multi_label(valid, root)
     place(train, valid, device, gpu_fraction)
     dls = DataLoaders(CachedDL(train, bs=cfg.batch_size, shuffle=True, drop_last=True, num_workers=0),
                       CachedDL(valid, bs=cfg.batch_size, shuffle=False, num_workers=0),

@@ -140,12 +140,15 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", parents=[loud], help="classify images with a model: one line per image, or a CSV",
                         description="Print one line per image: its path, label, probability and the top classes "
-                                    "(or write them to --out as CSV). Batches run on the GPU when there is one. "
+                                    "(or write them to --out as CSV); for a multi-label model, its path, every "
+                                    "label above the model's threshold (fitted by the search) and their "
+                                    "probabilities. Batches run on the GPU when there is one. "
                                     "Example: tune-sota predict results/quick/export photos/ --tta")
     pr.add_argument("model", metavar="MODEL", help="an export folder or export.pkl (tune-sota export), or anything "
                     "export takes (then the training data must be where its config says)")
     pr.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched for them recursively")
-    pr.add_argument("--out", metavar="CSV", help="write path,label,probability,top to this CSV instead")
+    pr.add_argument("--out", metavar="CSV", help="write path,label,probability,top (multi-label: path,labels,"
+                    "probabilities,threshold) to this CSV instead")
     pr.add_argument("--tta", action="store_true", help="average fastai's test-time augmentation (slower, often "
                     "a little better)")
     pr.add_argument("--top", type=int, default=3, metavar="K", help="classes listed per image (default: 3)")
@@ -319,6 +322,8 @@ def _summary(o) -> None:
     if o.select_on == "val":
         print("  note: trials were judged on val/ (select_on: val), so these figures are optimistic: the data that "
               "chose the winner also scores it")
+    if o.metric:
+        print(f"  {o.metric}")
     print(f"  best config: {o.results_dir}/best.yaml  (retrain: tune-sota train --config {o.results_dir}/best.yaml)")
     _exported(o)
     tables = "trials.csv, history.csv" + (", confirm.csv" if o.answer else "")
@@ -401,7 +406,12 @@ def _predict(args) -> int:
     probs, classes = export.predict(learn, files, tta=args.tta, bs=args.batch_size)
     k = min(args.top, len(classes))
     rows = []
-    for f, p in zip(files, probs):
+    threshold = export.threshold(learn)
+    for f, p in zip(files, probs) if threshold is not None else ():  # multi-label: every label above it
+        above = sorted(((float(v), c) for c, v in zip(classes, p) if v > threshold), reverse=True)
+        rows.append({"path": str(f), "labels": " ".join(c for _, c in above),
+                     "probabilities": " ".join(f"{c}:{v:.3f}" for v, c in above), "threshold": threshold})
+    for f, p in zip(files, probs) if threshold is None else ():
         top = p.topk(k)
         named = [(classes[int(i)], float(v)) for v, i in zip(top.values, top.indices)]
         rows.append({"path": str(f), "label": named[0][0], "probability": round(named[0][1], 4),
@@ -415,7 +425,8 @@ def _predict(args) -> int:
         print(f"tune-sota: predicted {len(rows)} image(s) into {args.out}")
     else:
         for r in rows:
-            print(f"{r['path']}\t{r['label']}\t{r['probability']:.4f}\t{r['top']}")
+            print(f"{r['path']}\t{r['labels']}\t{r['probabilities']}" if threshold is not None else
+                  f"{r['path']}\t{r['label']}\t{r['probability']:.4f}\t{r['top']}")
     return 0
 
 

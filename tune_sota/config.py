@@ -221,6 +221,12 @@ class Config:
                             "part; 0 = fastai's default (one_cycle 0.25, flat_cos 0.75)", _between(0, 0.95))
     mixup: float = _opt(0.0, "MixUp alpha; 0 = off", _between(0, 10))
     label_smoothing: float = _opt(0.0, "label-smoothing epsilon; 0 = plain cross-entropy", _between(0, 1, hi_open=True))
+    multi_metric: str = _opt("f2", "multi-label data (a table with label_delim): the score trials are judged by, "
+                             "reported in the accuracy columns: f2 (F-beta 2 averaged per image, Planet's) or "
+                             "accuracy_multi (the share of right label decisions)", _one_of("f2", "accuracy_multi"))
+    threshold: float = _opt(0.5, "multi-label: the probability above which a label is predicted; trials are judged "
+                            "at it, then each trial's is fitted on its holdout after training (never searched); "
+                            "best.yaml and the export keep the winner's", _between(0.01, 0.99))
     normalize: str = _opt("imagenet", "normalization statistics: ImageNet's, or measured on a batch",
                           _one_of("imagenet", "dataset"))
     seed: int = _opt(42, "random seed of the run", _at_least(0))
@@ -279,6 +285,12 @@ class Config:
         if self.freeze_epochs >= 0:
             return self.freeze_epochs
         return 1 if self.pretrained is not False and self.epochs > 1 else 0
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether the data is a table with several labels per image (`label_delim`)."""
+        spec = sources.parse_data(self.data)
+        return spec is not None and bool(spec.label_delim)
 
     @property
     def item_size(self) -> int:
@@ -565,6 +577,9 @@ def parse_space(raw: Any, *, name: str = "space", source: str = "<dict>") -> Spa
     search = SearchSettings(**_parse_section(SearchSettings, search_raw, where + "search.", dists=False))
     baseline = {**BASELINE, **_parse_section(Config, baseline_raw or {}, where + "baseline.", dists=False)}
     space = Space(values=values, search=search, name=name, source=source, baseline=baseline)
+    if isinstance(values.get("threshold"), Dist):
+        raise ConfigError(f"{where}threshold is fitted on each trial's holdout after training, never searched; "
+                          f"give one value (trials are judged at it), or leave it at 0.5")
     _check_cross_fields(space, where)
     return space
 

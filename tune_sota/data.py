@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.block import CategoryBlock, DataBlock, MultiCategoryBlock
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import IndexSplitter, IntToFloatTensor, Normalize
 from fastai.vision.augment import RandomResizedCropGPU, Resize, aug_transforms
@@ -88,9 +88,15 @@ def fastai_dataloaders(cfg: Config, root: Path, *, workers: int, device: torch.d
         valid_idx = range(len(found.splits["train"]), len(pairs))
     items = [p for p, _ in pairs]
     labels = {p: found.classes[y] for p, y in pairs}
+    multi = sources.multi_label(root)
+    if multi is not None:  # each class folder is a set of labels (sources.split_view)
+        delim, vocab = multi
+        y_block, get_y = MultiCategoryBlock(vocab=vocab), lambda p: labels[p].split(delim)
+    else:
+        y_block, get_y = CategoryBlock(vocab=found.classes), lambda p: labels[p]
     block = DataBlock(
-        blocks=(ImageBlock(cls=RGBImage), CategoryBlock(vocab=found.classes)),
-        get_y=lambda p: labels[p],
+        blocks=(ImageBlock(cls=RGBImage), y_block),
+        get_y=get_y,
         splitter=IndexSplitter(valid_idx),
         item_tfms=Resize(cfg.item_size),
     )

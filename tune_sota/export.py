@@ -17,18 +17,20 @@ pickle names no tune_sota module.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pickletools
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.block import CategoryBlock, DataBlock, MultiCategoryBlock
 from fastai.data.transforms import IntToFloatTensor, Normalize, parent_label
 from fastai.learner import Learner, load_learner
-from fastai.losses import CrossEntropyLossFlat
-from fastai.metrics import accuracy
+from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat
+from fastai.metrics import accuracy, accuracy_multi
 from fastai.vision.augment import Dihedral, Flip, RandomResizedCropGPU, Resize
 from fastai.vision.data import ImageBlock
 from fasttransform import Pipeline
@@ -69,8 +71,12 @@ def inference_learner(learn: Learner, cfg: Config, classes: list[str]) -> Learne
     """A plain fastai Learner around `learn`'s model: empty DataLoaders of fastai's own pieces, no
     callbacks of tune_sota, a plain loss (for inference only)."""
     stats = _stats(learn)
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=list(classes))), get_y=parent_label,
-                      item_tfms=Resize(cfg.item_size))
+    # multi-label: the blank item's one label as a list (str.splitlines: a builtin, so the pickle needs
+    # nothing but fastai; no label holds a newline)
+    y_block, get_y = (MultiCategoryBlock(vocab=list(classes)), Pipeline([parent_label, str.splitlines])) \
+        if cfg.multi_label \
+        else (CategoryBlock(vocab=list(classes)), parent_label)
+    block = DataBlock(blocks=(ImageBlock, y_block), get_y=get_y, item_tfms=Resize(cfg.item_size))
     with tempfile.TemporaryDirectory() as tmp:  # fastai sets its pipelines up on one item: a blank image
         blank = Path(tmp) / str(classes[0]).replace("/", "_") / "blank.png"
         blank.parent.mkdir()
@@ -84,7 +90,11 @@ def inference_learner(learn: Learner, cfg: Config, classes: list[str]) -> Learne
     # torch's own Upsample: the Learner pickles with nothing of tune_sota, and any input size works.
     model = torch.nn.Sequential(torch.nn.Upsample(size=(cfg.size, cfg.size), mode="bilinear", align_corners=False),
                                 learn.model.float().to(memory_format=torch.contiguous_format)).eval()
-    out = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+    if cfg.multi_label:  # learn.predict decodes every label above the threshold the search fitted
+        out = Learner(dls, model, loss_func=BCEWithLogitsLossFlat(thresh=cfg.threshold),
+                      metrics=functools.partial(accuracy_multi, thresh=cfg.threshold))
+    else:
+        out = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
     out.logger = print  # fastai's default: a module function, pickled by reference
     return out
 
@@ -93,14 +103,15 @@ class Program(torch.nn.Module):
     """The model for serving: images in [0, 1] at any square size -> normalize -> the model (which
     resizes first: `inference_learner`) -> probabilities."""
 
-    def __init__(self, model: torch.nn.Module, mean, std):
+    def __init__(self, model: torch.nn.Module, mean, std, multi_label: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.multi_label = model, multi_label
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std).softmax(dim=1)
+        out = self.model((x - self.mean) / self.std)
+        return out.sigmoid() if self.multi_label else out.softmax(dim=1)  # multi-label: each label on its own
 
 
 def _classes(learn: Learner) -> list[str]:
@@ -116,7 +127,17 @@ def export(model_path, out) -> Path:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; give a new folder (nothing is overwritten)")
     learn = load_model(model_path)
-    return export_learner(learn, learn.config, out)
+    # Written beside `out`, then renamed: an export cut short (a SIGTERM, a full disk) leaves no `out`
+    # that looks whole, and `out` is free for the next try.
+    partial = out.with_name(f"{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    export_learner(learn, learn.config, partial)
+    if out.exists():
+        out.rmdir()  # empty, as checked above
+    partial.rename(out)
+    log.info("exported to %s: %s (fastai load_learner), %s (torch.export.load), %s", out, EXPORT_FILE,
+             PROGRAM_FILE, CLASSES_FILE)
+    return out
 
 
 def export_learner(learn: Learner, cfg: Config, out) -> Path:
@@ -134,7 +155,7 @@ def export_learner(learn: Learner, cfg: Config, out) -> Path:
         (out / EXPORT_FILE).unlink()
         raise RuntimeError(f"export.pkl would need tune_sota to load ({', '.join(named[:3])}); this is a bug")
     mean, std = _stats(learn)
-    program = Program(plain.model.cpu().eval(), mean, std).eval()
+    program = Program(plain.model.cpu().eval(), mean, std, cfg.multi_label).eval()
     example = torch.rand(2, 3, cfg.item_size, cfg.item_size)
     side = torch.export.Dim("side", min=8, max=4096)
     exported = torch.export.export(program, (example,), dynamic_shapes={
@@ -144,10 +165,10 @@ def export_learner(learn: Learner, cfg: Config, out) -> Path:
         "classes": classes, "size": cfg.size, "presize": cfg.item_size, "mean": mean, "std": std,
         "input": f"float32 N x 3 x H x W, RGB in [0, 1], a centred square (H = W; {cfg.item_size} px is what "
                  f"training saw), resized to {cfg.size} px inside",
-        "output": "N x classes probabilities, in the order of `classes`",
+        "output": ("N x classes probabilities, each label's own (sigmoid): a label is predicted above `threshold`"
+                   if cfg.multi_label else "N x classes probabilities, in the order of `classes`"),
+        **({"multi_label": True, "threshold": cfg.threshold, "metric": cfg.multi_metric} if cfg.multi_label else {}),
         "config": cfg.to_dict()}, indent=1) + "\n")
-    log.info("exported to %s: %s (fastai load_learner), %s (torch.export.load), %s", out, EXPORT_FILE,
-             PROGRAM_FILE, CLASSES_FILE)
     return out
 
 
@@ -199,6 +220,11 @@ def images(paths) -> list[Path]:
     if not found:
         raise UserError(f"no images in {', '.join(map(str, paths))} ({', '.join(sorted(sources.IMAGE_EXTS)[:5])}, ...)")
     return found
+
+
+def threshold(learn: Learner) -> float | None:
+    """The threshold of a multi-label Learner (its loss decodes labels above it), None for single-label."""
+    return float(learn.loss_func.thresh) if isinstance(learn.loss_func, BCEWithLogitsLossFlat) else None
 
 
 def predict(learn: Learner, files: list[Path], *, tta: bool = False, top: int = 3, bs: int = 64):

@@ -26,8 +26,8 @@ from fastai.callback.schedule import ParamScheduler, combined_cos, fit_one_cycle
 from fastai.imports import noop  # the one ProgressCallback compares the logger with
 from fastai.layers import AvgPool, MaxPool
 from fastai.learner import AvgSmoothLoss, Learner, Recorder
-from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
-from fastai.metrics import accuracy
+from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+from fastai.metrics import AccumMetric, accuracy
 from fastai.optimizer import SGD, Adam, Lamb, RMSProp, ranger
 from fastai.torch_core import params, set_seed
 from fastai.vision.learner import create_timm_model, default_split
@@ -259,12 +259,67 @@ def model_for(cfg: Config, classes: list[str]) -> tuple[nn.Module, Callable | No
     return model, split
 
 
+class SmoothedBCE(BCEWithLogitsLossFlat):
+    """fastai's multi-label loss with label smoothing: each target 0/1 becomes eps/2 / 1 - eps/2."""
+
+    def __init__(self, eps: float, **kwargs):
+        super().__init__(**kwargs)
+        self.eps = eps
+
+    def __call__(self, inp, targ, **kwargs):
+        return super().__call__(inp, targ.float() * (1 - self.eps) + self.eps / 2, **kwargs)
+
+
+def multi_score(metric: str, probs: torch.Tensor, targs: torch.Tensor, threshold: float) -> float:
+    """A multi-label score of probabilities against 0/1 targets at `threshold`: F2 averaged per image (an
+    image with no label predicted and none true counts 1, as scikit-learn's zero_division=1) or accuracy_multi."""
+    pred, true = probs > threshold, targs.bool()
+    if metric == "accuracy_multi":
+        return float((pred == true).float().mean())
+    tp = (pred & true).sum(1).float()
+    fp, fn = (pred & ~true).sum(1).float(), (~pred & true).sum(1).float()
+    denom = 5 * tp + 4 * fn + fp
+    return float(torch.where(denom > 0, 5 * tp / denom.clamp(min=1), torch.ones_like(tp)).mean())
+
+
+THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.01), 2)  # what fit_threshold tries
+
+
+def fit_threshold(learn: Learner) -> tuple[float, float]:
+    """(threshold, score there) that maximise the config's multi-label score on the validation set (a
+    search trial's holdout): fitted after training, never searched."""
+    probs, targs = learn.get_preds(dl=learn.dls.valid)
+    scores = [multi_score(learn.multi_metric, probs, targs, t) for t in THRESHOLDS]
+    best = int(np.argmax(scores))
+    return float(THRESHOLDS[best]), float(scores[best])
+
+
+def loss_and_metric(cfg: Config, multi: bool):
+    """The loss and the one metric (reported as `accuracy`) for single- or multi-label data."""
+    if not multi:
+        loss = LabelSmoothingCrossEntropyFlat(eps=cfg.label_smoothing) if cfg.label_smoothing \
+            else CrossEntropyLossFlat()
+        return loss, accuracy
+    loss = SmoothedBCE(cfg.label_smoothing, thresh=cfg.threshold) if cfg.label_smoothing \
+        else BCEWithLogitsLossFlat(thresh=cfg.threshold)
+    # one definition of the score (multi_score) in training, TTA, the threshold's fit and the confirmation
+    return loss, AccumMetric(functools.partial(_scored, cfg.multi_metric, cfg.threshold), activation="sigmoid",
+                             flatten=False, name=cfg.multi_metric)
+
+
+def _scored(metric: str, threshold: float, probs, targs) -> float:
+    return multi_score(metric, probs, targs, threshold)
+
+
 def build_learner(cfg: Config, dls) -> Learner:
     """The config's model (`model_for`) with its loss, metrics, optimizer and precision; quiet (no bars)."""
     model, splitter = model_for(cfg, [str(c) for c in dls.vocab])
-    loss = LabelSmoothingCrossEntropyFlat(eps=cfg.label_smoothing) if cfg.label_smoothing else CrossEntropyLossFlat()
-    learn = Learner(dls, model, loss_func=loss, metrics=accuracy, wd=cfg.wd, opt_func=opt_func(cfg),
+    multi = cfg.multi_label
+    loss, metric = loss_and_metric(cfg, multi)
+    learn = Learner(dls, model, loss_func=loss, metrics=metric, wd=cfg.wd, opt_func=opt_func(cfg),
                     **({"splitter": splitter} if splitter else {}))
+    # what `score` and `fit_threshold` judge by: None for single-label data
+    learn.multi_metric, learn.threshold = (cfg.multi_metric, cfg.threshold) if multi else (None, None)
     learn.remove_cb(ProgressCallback)  # bars and per-epoch tables flood logs; EpochEnd reports instead
     learn.logger = lambda *_: None
     learn.recorder.smooth_loss = DeviceSmoothLoss()  # no per-batch copy of the loss to the host
@@ -306,12 +361,18 @@ def train(cfg: Config, *, cpus: float | None = None, on_epoch: OnEpoch | None = 
 
 
 def score(learn: Learner, tta: bool = True) -> dict[str, float]:
-    """Validation accuracy plainly and with test-time augmentation (fastai's `tta`)."""
+    """Validation accuracy plainly and with test-time augmentation (fastai's `tta`); for multi-label data
+    the config's score at its threshold, under the same names."""
     dl = learn.dls.valid
-    out = {"accuracy": float(learn.validate(dl=dl)[1])}
+    metric = getattr(learn, "multi_metric", None)
+    if metric:
+        out = {"accuracy": multi_score(metric, *learn.get_preds(dl=dl)[:2], learn.threshold)}
+    else:
+        out = {"accuracy": float(learn.validate(dl=dl)[1])}
     if tta:
         preds, targs = learn.tta(dl=dl)
-        out["tta_accuracy"] = float(accuracy(preds, targs))
+        out["tta_accuracy"] = multi_score(metric, preds, targs, learn.threshold) if metric \
+            else float(accuracy(preds, targs))
     return out
 
 

@@ -450,6 +450,9 @@ def answer_html(s: Search) -> str:
                          f"{html.escape(first)}); see confirm.csv.</p>")
     if r.get("note"):
         paras.append(f"<p class='note'>{html.escape(str(r['note']))}</p>")
+    if r.get("metric"):  # multi-label: what "accuracy" means on this page (search.multi_label_line)
+        text = str(r["metric"])
+        paras.insert(0, f"<p class='note'>{html.escape(text[:1].upper() + text[1:])}.</p>")
     noise = r.get("selection_noise")
     if isinstance(noise, dict) and noise.get("statement"):  # uncertainty.selection_line, written by the search
         text = str(noise["statement"])

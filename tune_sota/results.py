@@ -124,6 +124,8 @@ def tables(grid, searched: list[str], *, finished: bool, open_ids=(), open_statu
             "node": m.get("node", ""),
             "n_valid": m.get("n_valid", math.nan),  # images each accuracy was measured on
             "path": str(result.path),
+            # multi-label: the threshold fitted on the holdout after training, and the score there
+            **{k: m[k] for k in ("threshold", "fitted_accuracy") if k in m},
         })
     trials = pd.DataFrame(rows)
     if len(trials):

@@ -111,6 +111,14 @@ class _Stop:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._old_env
         logging.getLogger("ray.tune.tune").removeFilter(self._quiet)
         self._old = {}
+        self.ray_done()
+
+    def ray_done(self):
+        """The search's Ray is shut down: a signal from now on is acted on at the next `check` alone (no
+        SIGUSR1 to Ray, no watcher taking a shut-down Ray for a lost one)."""
+        self.fired = True
+        for s in self._old:  # Ray's shutdown puts the C-level SIGTERM action back to the default (kill)
+            signal.signal(s, self.on_signal)
         if self._wake is not None:
             signal.set_wakeup_fd(self._wake[2])
             self._wake, (r, w, _) = None, self._wake

@@ -9,6 +9,7 @@ import functools
 import logging
 import math
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -113,6 +114,7 @@ class Outcome:
     disk_bytes: int | None = None  # what the search keeps on disk once its checkpoints are pruned
     budget: dict | None = None  # how the time budget went (budget.TimeBudget.summary), with the phases' times
     export_dir: Path | None = None  # the winner's export (export.pkl, model.pt2), beside best.yaml
+    metric: str = ""  # multi-label: what the accuracy figures are (multi_label_line); '' for single-label
 
 
 def _locate(space: Space, name: str | None, results_root: Path, storage: str | None, resume: bool):
@@ -228,33 +230,56 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
         if budget_used is not None:
             budget_used["confirm_s"] = round(time.time() - t_confirm, 1)
         stop.check()
+        ray.shutdown()
+        stop.ray_done()  # a signal from here on stops the writing below at its next check, not through Ray
+        # The tables, best.yaml, the export and the report take seconds: a SIGTERM among them (a scheduler's
+        # grace period) leaves the search interrupted, and --resume writes them again, not half of them.
+        answer = confirm.answer(confirmed) if len(confirmed) else None
+        if answer:
+            _tell_study(study, answer)
+        trials = _with_confirmed(trials, confirmed)
+        write_atomic(results_dir / "trials.csv", trials.to_csv(index=False))
+        write_atomic(results_dir / "history.csv", history.to_csv(index=False))
+        if len(confirmed):
+            write_atomic(results_dir / "confirm.csv", confirmed.to_csv(index=False))
+        best, best_row = _winner(space, trials, configs, answer)
+        if best is not None:
+            block = _result_block(space, best_row, answer, trials, name=name, command=command,
+                                  wall_s=time.time() - t0)
+            header = (f"# Best config of `{command}`; retrain it with: "
+                      f"tune-sota train --config {results_dir}/best.yaml\n")
+            if best.multi_label:  # the accuracy columns hold this score
+                block = {**block, "metric": multi_label_line(best, space)}
+            if budget_used is not None:
+                block = {**block, "time_budget": plain(budget_used, nan=None)}
+            write_atomic(results_dir / "best.yaml", header + space_to_yaml(best.to_dict(), result=block))
+        stop.check()
+        export_dir = _export_quietly(results_dir, out) if best is not None else None
+        stop.check()
+        write_quietly(results_dir, out)  # the report is a view of the files above: it never fails a search
+        stop.check()
+        runstate.mark(results_dir, runstate.FINISHED)  # from here on --resume refuses to touch it
     except runstate.Stopped as stopped:
+        shutil.rmtree(results_dir / "export", ignore_errors=True)  # an unfinished search has no export
         raise _interrupted(stopped, name, results_dir, results_root, address, t0, renamed_from) from None
     finally:
         stop.release()
         ray.shutdown()
 
-    answer = confirm.answer(confirmed) if len(confirmed) else None
-    if answer:
-        _tell_study(study, answer)
-    trials = _with_confirmed(trials, confirmed)
-    write_atomic(results_dir / "trials.csv", trials.to_csv(index=False))
-    write_atomic(results_dir / "history.csv", history.to_csv(index=False))
-    if len(confirmed):
-        write_atomic(results_dir / "confirm.csv", confirmed.to_csv(index=False))
-    best, best_row = _winner(space, trials, configs, answer)
-    if best is not None:
-        block = _result_block(space, best_row, answer, trials, name=name, command=command, wall_s=time.time() - t0)
-        header = f"# Best config of `{command}`; retrain it with: tune-sota train --config {results_dir}/best.yaml\n"
-        if budget_used is not None:
-            block = {**block, "time_budget": plain(budget_used, nan=None)}
-        write_atomic(results_dir / "best.yaml", header + space_to_yaml(best.to_dict(), result=block))
-    export_dir = _export_quietly(results_dir, out) if best is not None else None
-    write_quietly(results_dir, out)  # the report is a view of the files above: it never fails a search
-    runstate.mark(results_dir, runstate.FINISHED)  # from here on --resume refuses to touch it
     disk = _prune_checkpoints(space, trials, best_row, results_dir, storage, name)  # last: every phase is done
     return Outcome(name, results_dir, trials, best, best_row, time.time() - t0, renamed_from, confirmed, answer,
-                   s.select_on, disk, budget_used, export_dir)
+                   s.select_on, disk, budget_used, export_dir,
+                   multi_label_line(best, space) if best is not None and best.multi_label else "")
+
+
+def multi_label_line(best: Config, space: Space) -> str:
+    """What a multi-label search's `accuracy` figures are, and where the winner's threshold came from."""
+    name = "F2 averaged per image" if best.multi_metric == "f2" else "accuracy_multi (right label decisions)"
+    judged = space.values.get("threshold", Config.threshold)
+    return (f"multi-label: every accuracy figure is {name}; trials were judged at threshold {judged:g}, the "
+            f"winner's {best.threshold:g} was fitted on its holdout after training and is what the confirmation "
+            f"and the export use (the baseline, which has no holdout to fit one, is scored at "
+            f"{space.baseline_config().threshold:g})")
 
 
 def _interrupted(stopped: runstate.Stopped, name: str, results_dir: Path, results_root, address: str | None,
@@ -395,6 +420,8 @@ def _export_quietly(results_dir: Path, out) -> Path | None:
     try:
         from tune_sota import export
 
+        # a driver killed (-9) between its export and `finished` left this unfinished search's own export
+        shutil.rmtree(results_dir / "export", ignore_errors=True)
         return export.export(results_dir / "best.yaml", results_dir / "export")
     except Exception as e:  # noqa: BLE001  (the search's results stand without it)
         first = str(e).splitlines()[0] if str(e) else ""
@@ -439,7 +466,10 @@ def _configs(grid, trials: pd.DataFrame) -> dict[str, Config]:
     """The resolved config of every completed trial (what confirmation and export use), by trial id; a
     failed trial may hold a config that never validated (a sampled size against a fixed schedule)."""
     done = set(trials[trials.status == results.COMPLETED].trial_id)
-    return {results.trial_id_of(r): Config(**r.config) for r in grid if results.trial_id_of(r) in done}
+    # a multi-label trial goes on with the threshold it fitted on its holdout (confirmation, best.yaml, export)
+    return {results.trial_id_of(r): Config(**{**r.config, **{k: r.metrics[k] for k in ("threshold",)
+                                                              if k in (r.metrics or {})}})
+            for r in grid if results.trial_id_of(r) in done}
 
 
 def _winner(space: Space, trials: pd.DataFrame, configs: dict[str, Config], answer: dict | None):

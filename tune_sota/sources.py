@@ -51,6 +51,7 @@ DIGITS_PX = 64  # the 8x8 digits are upscaled so that presizing and random crops
 IMAGE_EXTS = {ext for ext, kind in mimetypes.types_map.items() if kind.startswith("image/")} | {".webp"}
 MOSTLY_UNREADABLE = 0.5  # above this share of unreadable images a split is an error, below it they are skipped
 SPLITS = ("train", "val")
+MULTI_FILE = "labels.json"  # in a split view of multi-label data: the delimiter and every label
 log = logging.getLogger(__name__)
 HOLDOUT_SEED = 0  # the holdout is a property of the data, not of a trial: the same in every run
 SPLIT_SEED = 0  # likewise the val/ a split view draws from data without one
@@ -71,6 +72,7 @@ class DataSpec:
     label_col: str = "label"  # the table's column of class labels
     valid_col: str = ""  # a true/false column marking val/ rows; '' = `is_valid` if the table has one
     valid_pct: float = 0.2  # share of each class drawn as val/ when the data names none (as fastai's default)
+    label_delim: str = ""  # the table's labels hold several per image, split by this (fastai's; Planet's ' ')
 
 
 DATA_KEYS = tuple(f.name for f in fields(DataSpec))
@@ -91,9 +93,14 @@ def parse_data(data) -> DataSpec | None:
             raise UserError(f"data: unknown key '{unknown[0]}'; a data mapping takes {', '.join(DATA_KEYS)}")
         if not data.get("csv") and not data.get("folder"):
             raise UserError("data: a mapping needs csv: (a table of file names and labels) or folder: (images)")
-        for k in ("folder", "csv", "fn_col", "label_col", "valid_col"):
+        for k in ("folder", "csv", "fn_col", "label_col", "valid_col", "label_delim"):
             if k in data and not isinstance(data[k], str):
                 raise UserError(f"data: {k}: {data[k]!r} is not a string")
+        if data.get("label_delim") and not data.get("csv"):
+            raise UserError("data: label_delim splits a table's labels; it needs csv: (a table of file names and "
+                            "labels), not an image folder")
+        if "/" in data.get("label_delim", ""):
+            raise UserError("data: label_delim '/' cannot be used: labels name folders; use e.g. ' ' or ';'")
         pct = data.get("valid_pct", DataSpec.valid_pct)
         if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 < pct < 1:
             raise UserError(f"data: valid_pct: {pct!r} is not allowed; must be a share in (0, 1), e.g. 0.2")
@@ -261,7 +268,10 @@ def scan(root: Path, splits: tuple[str, ...] = SPLITS) -> Scan:
             raise UserError(f"data: {root} has no {split}/ folder; it needs train/ and val/, each with one "
                             f"folder per class")
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
-    if len(classes) < 2:
+    if multi_label(root) is not None:  # class folders are label sets: val/ may hold a set train/ lacks
+        classes = sorted({*classes, *(d.name for d in (root / "val").iterdir()
+                                      if d.is_dir() and not d.name.startswith("."))})
+    elif len(classes) < 2:
         raise UserError(f"data: {root / 'train'} has {len(classes)} class folder(s); a classifier needs at "
                         f"least 2 (one subfolder of images per class)")
     extra = sorted(d.name for d in (root / "val").iterdir() if d.is_dir() and d.name not in classes)
@@ -292,6 +302,25 @@ def scan(root: Path, splits: tuple[str, ...] = SPLITS) -> Scan:
     return out
 
 
+
+
+def multi_label(root: Path) -> tuple[str, list[str]] | None:
+    """(label delimiter, every label) of a multi-label split view, whose class folders are label sets
+    joined by the delimiter (`split_view` of a table with `label_delim`); None for single-label data."""
+    f = Path(root) / MULTI_FILE
+    if not f.is_file():
+        return None
+    d = json.loads(f.read_text())
+    return d["label_delim"], d["labels"]
+
+
+def multi_hot(classes: list[str], delim: str, labels: list[str]) -> np.ndarray:
+    """classes x labels, 1.0 where a class folder (a label set) holds the label."""
+    index = {t: j for j, t in enumerate(labels)}
+    out = np.zeros((len(classes), len(labels)), dtype=np.float32)
+    for i, c in enumerate(classes):
+        out[i, [index[t] for t in c.split(delim)]] = 1.0
+    return out
 
 
 def holdout_split(labels, share: float, seed: int = HOLDOUT_SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -386,11 +415,21 @@ def _table_items(spec: DataSpec) -> tuple[list[tuple[Path, str, str]], np.ndarra
         raise UserError(f"data: {table.name} has {int(labels.isna().sum())} row(s) without a label in column "
                         f"'{spec.label_col}' (first: line {first}); fill or drop them")
     labels = labels.astype(str).str.strip()
+    if spec.label_delim:  # each image's labels as one folder name: the set, sorted, joined by the delimiter
+        sets = [sorted({t.strip() for t in v.split(spec.label_delim) if t.strip()}) for v in labels]
+        labels = labels.map(lambda v, d=spec.label_delim: d.join(sorted({t.strip() for t in v.split(d) if t.strip()})))
+        bad = sorted({t for ts in sets for t in ts if "/" in t or t.startswith(".")} | {"" for ts in sets if not ts})
+        if bad:
+            raise UserError(f"data: {table.name}'s label {bad[0]!r} cannot be a label (no '/', no leading '.', "
+                            f"at least one label per image)")
+        if len({t for ts in sets for t in ts}) < 2:
+            raise UserError(f"data: {table.name}'s column '{spec.label_col}' has fewer than 2 labels split by "
+                            f"label_delim {spec.label_delim!r}; is that its delimiter?")
     bad = sorted({c for c in labels if "/" in c or c.startswith(".") or not c})
     if bad:
         raise UserError(f"data: {table.name}'s label {bad[0]!r} cannot name a class folder (no '/', no leading '.')")
     classes = sorted(set(labels))
-    if len(classes) < 2:
+    if len(classes) < 2 and not spec.label_delim:
         raise UserError(f"data: {table.name}'s column '{spec.label_col}' has {len(classes)} class "
                         f"({', '.join(classes)}); a classifier needs at least 2")
     dup = names[names.duplicated()]
@@ -419,7 +458,7 @@ def split_view(spec: DataSpec) -> Path:
     items, valid, content = _table_items(spec) if spec.csv else _class_items(spec)
     if not items:
         raise UserError(f"data: {spec.folder} has no images in its class folders")
-    if len({c for _, c, _ in items}) < 2:
+    if len({c for _, c, _ in items}) < 2 and not spec.label_delim:
         raise UserError(f"data: {spec.folder} has 1 class folder; a classifier needs at least 2 (one subfolder "
                         f"of images per class)")
     source = spec.csv or spec.folder
@@ -443,6 +482,9 @@ def split_view(spec: DataSpec) -> Path:
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(path)
         rows.writerow((str(path), label, split))
+    if spec.label_delim:  # multi-label: each class folder is a set of labels (see `multi_label`)
+        labels = sorted({t for _, c, _ in items for t in c.split(spec.label_delim)})
+        (tmp / MULTI_FILE).write_text(json.dumps({"label_delim": spec.label_delim, "labels": labels}) + "\n")
     (tmp / "split.csv").write_text(record.getvalue())  # last: a view is there once this is
     try:  # publish atomically; a concurrent writer that won the race leaves us nothing to do
         tmp.rename(root)

@@ -103,7 +103,8 @@ def _run(config: dict, tta: bool, shares=(), every: int = 0, final_size: bool = 
     # the retried trial carrying on from its checkpoint rather than from epoch 1.
     where = {"error": "", "node": ray.get_runtime_context().get_node_id()[:12], "start_epoch": 0,
              "sched": cfg.sched}  # the schedule shape, which ASHA's rungs compare within (scheduler.py)
-    held = {}  # a confirmation's last epoch, reported once its TTA score is known
+    held = {}  # the last epoch, reported once a confirmation's TTA score or a multi-label trial's threshold is known
+    fit_threshold = cfg.multi_label and not tta  # a confirmation scores at the threshold its trial fitted
 
     def report(r: EpochReport, learn) -> None:
         metrics = r.row(**where, n_valid=len(learn.dls.valid.dataset))  # for the selection noise (uncertainty)
@@ -111,7 +112,7 @@ def _run(config: dict, tta: bool, shares=(), every: int = 0, final_size: bool = 
             tune.report({**metrics, "accuracy": 0.0})
             return
         last.update(epoch=r.epoch, accuracy=r.accuracy)
-        if tta and r.epoch == r.epochs:
+        if (tta or fit_threshold) and r.epoch == r.epochs:
             held.update(metrics)
             return
         if r.epoch in checkpoint_at:
@@ -126,8 +127,11 @@ def _run(config: dict, tta: bool, shares=(), every: int = 0, final_size: bool = 
             return
     try:
         learn = recipe.train(cfg, cpus=_assigned_cpus(), on_epoch=report, checkpoint=blob, gpus=_assigned_gpus())
-        if held:
+        if held and tta:
             _report_with_checkpoint({**held, **recipe.score(learn)}, learn, cfg.epochs)
+        elif held:  # judged at the space's threshold (`accuracy`); the one fitted on its holdout goes with it
+            threshold, at_it = recipe.fit_threshold(learn)
+            _report_with_checkpoint({**held, "threshold": threshold, "fitted_accuracy": at_it}, learn, cfg.epochs)
     except Exception as e:  # recorded, not retried: see the docstring
         message = f"{type(e).__name__}: {e}".splitlines()[0][:500]
         # The summary shows the message; the traceback goes beside the trial's results, not into the
