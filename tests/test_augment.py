@@ -116,3 +116,17 @@ def test_both_pipelines_augment_with_the_keys(image_folder, pipeline, augment):
 
     torch.manual_seed(0)
     assert spread(max_lighting=0.9) > 1.5 * spread(), "max_lighting did not reach the batches"
+
+
+def test_lesson3_keys_on_crop_flip_are_warned_once(image_folder):
+    from tune_sota import preflight
+    from tune_sota.config import parse_space
+
+    said = []
+    preflight.check_augmentations(parse_space({**tiny(image_folder), "max_warp": 0.0, "max_rotate": 20.0}), said.append)
+    assert len(said) == 1 and "max_rotate, max_warp act only where" in said[0] and "augment: chapter7" in said[0]
+    said.clear()
+    for fine in ({"max_warp": 0.0, "augment": "chapter7"}, {"max_warp": 0.0, "pipeline": "fastai"},
+                 {"flip_vert": True}):  # where they count, and flip_vert, which crop_flip applies
+        preflight.check_augmentations(parse_space({**tiny(image_folder), **fine}), said.append)
+    assert said == []

@@ -154,7 +154,7 @@ def test_both_pipelines_read_a_multi_label_table_alike(tmp_path):
         # MixUp mixes the 0/1 rows and label smoothing softens them: a fit with both trains and scores
         seen = []
         learn = recipe.train(Config(**{**cfg.to_dict(), "epochs": 1, "mixup": 0.4, "label_smoothing": 0.1}),
-                             cpus=1, on_epoch=lambda r, _: seen.append(r))
+                             cpus=1, on_epoch=lambda r, _, seen=seen: seen.append(r))
         assert isinstance(learn.loss_func, recipe.SmoothedBCE) and np.isfinite(seen[-1].train_loss)
         assert 0 <= seen[-1].accuracy <= 1 and 0 <= recipe.score(learn)["tta_accuracy"] <= 1
     assert torch.equal(got["cached"], got["fastai"])  # the same holdout rows, the same 0/1 per label

@@ -99,9 +99,23 @@ def check(space: Space, address: str | None = None, out=print) -> None:
         if found is not None:
             check_batches(found, max(space.options("batch_size")), holdout, f"{space.source}: ")
         check_presize(d, found, max(_item_sizes(space)), out)
+    check_augmentations(space, out)
     check_gpus(space.search.gpus_per_trial, address)
     cluster.check_address(address)
     check_pretrained(space)  # last: it may download published weights (once, here, never in a trial)
+
+
+LESSON3_KEYS = ("max_rotate", "max_zoom", "max_lighting", "max_warp", "p_affine", "p_lighting")
+
+
+def check_augmentations(space: Space, out=print) -> None:
+    """Lesson 3's affine and lighting keys act where fastai's aug_transforms run; on the cached pipeline
+    with augment crop_flip (the defaults) they would do nothing, silently: say so once."""
+    set_ = [k for k in LESSON3_KEYS if k in space.values]
+    if set_ and "cached" in space.options("pipeline") and "crop_flip" in space.options("augment"):
+        out(f"tune-sota: warning: {', '.join(set_)} act only where fastai's aug_transforms run; trials on the "
+            f"cached pipeline with augment crop_flip (the defaults) crop and flip only and ignore them: set "
+            f"augment: chapter7 (or pipeline: fastai) for them to count")
 
 
 def check_pretrained(space) -> None:
