@@ -56,7 +56,7 @@ def test_a_bad_prior_names_key_and_allowed(raw, expected):
 
 def test_every_shipped_space_declares_priors_inside_its_ranges():
     for name in ("quick", "imagenette-cpu", "imagenette-cpu-wide", "imagenette", "imagenette-5ep"):
-        space = load_space(name, ["search.num_samples=1000"])  # every key searched, none held (min_trials)
+        space = load_space(name)
         declared = priors.pick(space.searched)
         assert {"lr", "label_smoothing", "mixup"} <= set(declared), name
         assert space.search.priors == "off", name  # the mechanism is there; the simulator did not adopt it

@@ -179,9 +179,8 @@ def _tiny_weights(folder, image_folder):
 def shrunk(path, image_folder, weights=None) -> tuple[dict, dict]:
     """A shipped space shrunk to tiny data and sizes: (values, search settings) of a two-trial search; a
     fine-tuning space starts from `weights` (a file `_tiny_weights` makes: no network, no bench)."""
-    space = load_space(path.stem, ["search.num_samples=100000"])  # every key searched, none held (min_trials)
-    values = {k: ({x: a for x, a in v.to_yaml().items() if x != "min_trials"} if hasattr(v, "to_yaml") else v)
-              for k, v in space.values.items()}
+    space = load_space(path.stem)
+    values = {k: (v.to_yaml() if hasattr(v, "to_yaml") else v) for k, v in space.values.items()}
     values.update(tiny(image_folder), epochs={"randint": [1, 2]}, resize={"choice": ["16", "8>16"]})
     if "pool" in values:  # pool: max needs sizes that are multiples of 32; the tiny ones are 8 and 16
         values["pool"] = "avg"
