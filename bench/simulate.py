@@ -59,7 +59,7 @@ CONFIRMS = [(0, 0), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 2), (3, 3)]  # (
 def _job(args: tuple) -> dict:
     """One simulated search (in a worker)."""
     kind, setting, name, method, seed, trials, workers, budget, compute = args
-    run = sim.simulate(MODEL, method, seed=seed, workers=workers, trials=trials, compute=compute, budget=budget)
+    run = sim.simulate(MODEL, method, seed=seed, workers=workers, trials=trials, compute=compute)
     out = {"kind": kind, "setting": setting, "method": name, "seed": seed, "regret": run.regret_of(budget),
            "compute": run.compute_of(budget),
            "stopped": sum(t["stopped"] for t in run.first(budget)) / budget, "events": run.events}

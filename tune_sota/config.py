@@ -387,19 +387,16 @@ class Dist:
     args: tuple
     prior: Any = None  # the expert's pick: a value in the range or one of the choices; None = no prior
     confidence: float = DEFAULT_CONFIDENCE  # how sure, in (0, 1): priors.py turns it into a spread
-    min_trials: int = 0  # searched only by a search of at least this many trials; below, held (hold_small)
 
     def to_yaml(self):
         out = {self.kind: list(self.args)}
         if self.prior is not None:
             out.update(prior=self.prior, confidence=self.confidence)
-        if self.min_trials:
-            out.update(min_trials=self.min_trials)
         return out
 
 
 DIST_KINDS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None}
-PRIOR_KEYS = ("prior", "confidence")  # what a distribution may carry beside its one kind (and min_trials)
+PRIOR_KEYS = ("prior", "confidence")  # what a distribution may carry beside its one kind
 
 
 @dataclass
@@ -411,7 +408,6 @@ class Space:
     name: str = "space"
     source: str = "<dict>"
     baseline: dict[str, Any] = field(default_factory=lambda: dict(BASELINE))
-    held: dict[str, Any] = field(default_factory=dict)  # keys whose min_trials this search's trials do not reach
 
     @property
     def searched(self) -> dict[str, Dist]:
@@ -475,37 +471,8 @@ def check_value(f: dataclasses.Field, v, where: str):
 
 def _parse_dist(f: dataclasses.Field, raw: dict, where: str) -> Dist:
     extra = {k: raw[k] for k in PRIOR_KEYS if k in raw}
-    d = _parse_kind(f, {k: v for k, v in raw.items() if k not in (*PRIOR_KEYS, "min_trials")}, where)
-    if "min_trials" in raw:
-        n = raw["min_trials"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"{where}{f.name}: min_trials {n!r} is not allowed; must be a whole number of trials "
-                              f">= 1 (the key is searched only by a search of at least that many trials)")
-        d = dataclasses.replace(d, min_trials=n)
+    d = _parse_kind(f, {k: v for k, v in raw.items() if k not in PRIOR_KEYS}, where)
     return _with_prior(f, d, extra, where) if extra else d
-
-
-def held_value(d: Dist, key: str, baseline: dict) -> Any:
-    """What a key that is not searched (`min_trials`) is held at: the baseline's value (the space's `baseline:`,
-    chapter 7's plain recipe by default: what every search is confirmed against), else the schema default;
-    a choice the distribution lacks becomes its first choice, a number is clipped to its range."""
-    v = baseline.get(key, getattr(Config, key))
-    if d.kind == "choice":
-        return next((a for a in d.args if a == v and isinstance(a, bool) == isinstance(v, bool)), d.args[0])
-    lo, hi = d.args
-    v = min(max(v, lo), hi) if isinstance(v, (int, float)) and not isinstance(v, bool) else lo
-    return int(round(v)) if d.kind == "randint" else float(v)
-
-
-def hold_small(values: dict[str, Any], baseline: dict, trials: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(values, held): the distributions whose `min_trials` exceeds `trials` replaced by their held value
-    (held_value), and those held values by key. Few trials cannot learn many dimensions: on the recorded
-    curves a 12- or 32-trial search that holds the knobs that barely matter at the baseline beats one that
-    searches them all (bench/RESULTS.md, issue 26); a bigger search (`--set search.num_samples=N`) searches
-    them again."""
-    held = {k: held_value(v, k, baseline) for k, v in values.items()
-            if isinstance(v, Dist) and v.min_trials > trials}
-    return {**values, **held}, held
 
 
 def _with_prior(f: dataclasses.Field, d: Dist, extra: dict, where: str) -> Dist:
@@ -609,11 +576,10 @@ def parse_space(raw: Any, *, name: str = "space", source: str = "<dict>") -> Spa
             raise ConfigError(f"{where}{why}")
     search = SearchSettings(**_parse_section(SearchSettings, search_raw, where + "search.", dists=False))
     baseline = {**BASELINE, **_parse_section(Config, baseline_raw or {}, where + "baseline.", dists=False)}
+    space = Space(values=values, search=search, name=name, source=source, baseline=baseline)
     if isinstance(values.get("threshold"), Dist):
         raise ConfigError(f"{where}threshold is fitted on each trial's holdout after training, never searched; "
                           f"give one value (trials are judged at it), or leave it at 0.5")
-    values, held = hold_small(values, baseline, search.num_samples)
-    space = Space(values=values, search=search, name=name, source=source, baseline=baseline, held=held)
     _check_cross_fields(space, where)
     return space
 

@@ -188,9 +188,6 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
         judged = f"a {s.holdout:.0%} holdout of train/" if s.select_on == "holdout" else "val/ (optimistic)"
         out(f"tune-sota: searching '{space.name}' as {name}: {s.num_samples} trials, "
             f"{', '.join(searched) or 'nothing'} searched, judged on {judged}; results in {results_dir}")
-        if space.held:  # min_trials: too few trials to search these (config.hold_small)
-            out(f"tune-sota: held at the baseline, too few trials to search them (min_trials): "
-                f"{', '.join(f'{k}={v}' for k, v in space.held.items())}; a search of more trials searches them")
         fn = tune.with_resources(tune.with_parameters(trainable.trial, **checkpoint_plan(space)),
                                  {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
         time_budget = None

@@ -393,7 +393,6 @@ class Method:
     prior_options: tuple = ()  # (name, value) pairs for PriorSampler: beta, mix, candidates
     wrong: bool = False  # the priors replaced by the worst corner of the space (worst_corner)
     right: bool = False  # the priors replaced by the surrogate's best config: what a prior could win at most
-    min_trials: tuple = ()  # (key, n) pairs: the space's `min_trials` (config.hold_small) declared on the table's space
 
     def label(self) -> str:
         """The method in `search:` terms."""
@@ -412,28 +411,7 @@ class Method:
             searcher += f", priors {self.priors}{f' ({opts})' if opts else ''}" + (" WRONG: the worst corner" if
                                                                                   self.wrong else "") + \
                 (" RIGHT: the best config" if self.right else "")
-        if self.min_trials:
-            searcher += f"; below {min(n for _, n in self.min_trials)} trials holds " + \
-                ", ".join(k for k, _ in self.min_trials) + " at the baseline"
         return f"{sched} / {searcher}"
-
-    def space(self, space: Space, budget: int) -> tuple[Space, dict]:
-        """(the space a search of `budget` trials searches, the values it holds): `min_trials` declared on the
-        table's space as the product's parse_space applies it (config.hold_small)."""
-        import dataclasses
-
-        from tune_sota.config import hold_small
-
-        if not self.min_trials:
-            return space, {}
-        declared = dict(self.min_trials)
-        values = {k: dataclasses.replace(v, min_trials=declared[k]) if k in declared and isinstance(v, Dist) else v
-                  for k, v in space.values.items()}
-        values, held = hold_small(values, space.baseline, budget)
-        return dataclasses.replace(space, values=values, held=held), held
-
-
-FOCUS = (("mixup", 64), ("label_smoothing", 64), ("opt", 64), ("sched", 64), ("sa", 64))
 
 
 def _prior(mode: str, **kw) -> Method:
@@ -462,10 +440,6 @@ METHODS = {
     "priors-mix0.5-beta2-wrong": _prior("pibo", prior_options=(("mix", 0.5), ("beta", 2.0)), wrong=True),
     "priors-beta0": _prior("pibo", prior_options=(("mix", 0.5), ("beta", 0.0))),
     "priors-beta0-wrong": _prior("pibo", prior_options=(("mix", 0.5), ("beta", 0.0)), wrong=True),
-    # issue 26: smaller spaces at small budgets (`min_trials` in the space file): the knobs whose main effect on
-    # the first table is under 1% of the variance of val/ accuracy held at the baseline (chapter 7's plain recipe)
-    "focus": Method(SHIPPED.searcher, SHIPPED.scheduler, min_trials=FOCUS),
-    "random-focus": Method("random", "fifo", min_trials=FOCUS),
 }
 
 
@@ -621,14 +595,13 @@ class Run:
 
 
 def simulate(model: Surrogate, method: Method, *, seed: int, workers: int, trials: int,
-             compute: float = math.inf, budget: int | None = None) -> Run:
+             compute: float = math.inf) -> Run:
     """Replay one search of `trials` trials on `workers` workers: an event queue in simulated time, each
     epoch costing its modelled seconds, the method's own scheduler and searcher deciding. With `compute`, no
     trial starts once the trials that ended or ran have spent that many trial-seconds (the trials running
     then finish): searches compared at equal compute rather than equal trials, so a method that spends less
-    per trial runs more of them. `budget`: the trial count the search was asked for (default `trials`), which
-    decides what a method with `min_trials` holds."""
-    space, held = method.space(model.space, budget or trials)
+    per trial runs more of them."""
+    space = model.space
     max_epochs = max(model.enc.epochs(c) for c in model.candidates) if model.candidates else 1
     searcher = make_searcher(method, space, SEARCHER_SEEDS + seed, model)
     rule = Rule(method, max_epochs)
@@ -646,7 +619,6 @@ def simulate(model: Surrogate, method: Method, *, seed: int, workers: int, trial
         params = searcher.suggest(trial_id)
         if params is None:
             return
-        params = {**held, **params}  # what the trial trains: the proposal and the held values
         draw = model.draw(params, np.random.default_rng([seed, state["started"]]))
         live[trial_id] = {"id": trial_id, "draw": draw, "epoch": 0, "n": state["started"],
                           "sched": str(params.get("sched") or "one_cycle")}
