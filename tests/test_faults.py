@@ -70,7 +70,9 @@ def test_a_cluster_search_keeps_everything_in_shared_storage_and_survives_a_lost
                   "--results", tmp_path / "results")
     experiment, folder = tmp_path / "shared" / "loss", tmp_path / "results" / "loss"
     on_worker = lambda: [r for r in _results(experiment) if worker.node_id.startswith(r.get("node", "-"))]  # noqa: E731
-    _wait(lambda: any(r["epoch"] >= 2 for r in on_worker()), 240, "a trial on the worker to checkpoint", proc)
+    # polled often: the worker's trial has 6 epochs of a fraction of a second left once it has checkpointed
+    _wait(lambda: any(r["epoch"] >= 2 for r in on_worker()), 240, "a trial on the worker to checkpoint", proc,
+          every=0.05)
     lost = {r["trial_id"] for r in on_worker()}
     c.remove_node(worker, allow_graceful=False)
     out, _ = proc.communicate(timeout=480)
