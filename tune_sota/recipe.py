@@ -294,9 +294,9 @@ def fit_threshold(learn: Learner) -> tuple[float, float]:
     return float(THRESHOLDS[best]), float(scores[best])
 
 
-def loss_and_metric(cfg: Config, multi: bool):
+def loss_and_metric(cfg: Config):
     """The loss and the one metric (reported as `accuracy`) for single- or multi-label data."""
-    if not multi:
+    if not cfg.multi_label:
         loss = LabelSmoothingCrossEntropyFlat(eps=cfg.label_smoothing) if cfg.label_smoothing \
             else CrossEntropyLossFlat()
         return loss, accuracy
@@ -314,12 +314,11 @@ def _scored(metric: str, threshold: float, probs, targs) -> float:
 def build_learner(cfg: Config, dls) -> Learner:
     """The config's model (`model_for`) with its loss, metrics, optimizer and precision; quiet (no bars)."""
     model, splitter = model_for(cfg, [str(c) for c in dls.vocab])
-    multi = cfg.multi_label
-    loss, metric = loss_and_metric(cfg, multi)
+    loss, metric = loss_and_metric(cfg)
     learn = Learner(dls, model, loss_func=loss, metrics=metric, wd=cfg.wd, opt_func=opt_func(cfg),
                     **({"splitter": splitter} if splitter else {}))
     # what `score` and `fit_threshold` judge by: None for single-label data
-    learn.multi_metric, learn.threshold = (cfg.multi_metric, cfg.threshold) if multi else (None, None)
+    learn.multi_metric, learn.threshold = (cfg.multi_metric, cfg.threshold) if cfg.multi_label else (None, None)
     learn.remove_cb(ProgressCallback)  # bars and per-epoch tables flood logs; EpochEnd reports instead
     learn.logger = lambda *_: None
     learn.recorder.smooth_loss = DeviceSmoothLoss()  # no per-batch copy of the loss to the host

@@ -417,7 +417,8 @@ def _table_items(spec: DataSpec) -> tuple[list[tuple[Path, str, str]], np.ndarra
     labels = labels.astype(str).str.strip()
     if spec.label_delim:  # each image's labels as one folder name: the set, sorted, joined by the delimiter
         sets = [sorted({t.strip() for t in v.split(spec.label_delim) if t.strip()}) for v in labels]
-        labels = labels.map(lambda v, d=spec.label_delim: d.join(sorted({t.strip() for t in v.split(d) if t.strip()})))
+        labels = labels.copy()
+        labels[:] = [spec.label_delim.join(t) for t in sets]
         bad = sorted({t for ts in sets for t in ts if "/" in t or t.startswith(".")} | {"" for ts in sets if not ts})
         if bad:
             raise UserError(f"data: {table.name}'s label {bad[0]!r} cannot be a label (no '/', no leading '.', "
