@@ -407,11 +407,12 @@ def _predict(args) -> int:
     k = min(args.top, len(classes))
     rows = []
     threshold = export.threshold(learn)
-    for f, p in zip(files, probs) if threshold is not None else ():  # multi-label: every label above it
-        above = sorted(((float(v), c) for c, v in zip(classes, p) if v > threshold), reverse=True)
-        rows.append({"path": str(f), "labels": " ".join(c for _, c in above),
-                     "probabilities": " ".join(f"{c}:{v:.3f}" for v, c in above), "threshold": threshold})
-    for f, p in zip(files, probs) if threshold is None else ():
+    for f, p in zip(files, probs):
+        if threshold is not None:  # multi-label: every label above the threshold, most probable first
+            above = sorted(((float(v), c) for c, v in zip(classes, p) if v > threshold), reverse=True)
+            rows.append({"path": str(f), "labels": " ".join(c for _, c in above),
+                         "probabilities": " ".join(f"{c}:{v:.3f}" for v, c in above), "threshold": threshold})
+            continue
         top = p.topk(k)
         named = [(classes[int(i)], float(v)) for v, i in zip(top.values, top.indices)]
         rows.append({"path": str(f), "label": named[0][0], "probability": round(named[0][1], 4),

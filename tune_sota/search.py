@@ -467,9 +467,8 @@ def _configs(grid, trials: pd.DataFrame) -> dict[str, Config]:
     failed trial may hold a config that never validated (a sampled size against a fixed schedule)."""
     done = set(trials[trials.status == results.COMPLETED].trial_id)
     # a multi-label trial goes on with the threshold it fitted on its holdout (confirmation, best.yaml, export)
-    return {results.trial_id_of(r): Config(**{**r.config, **{k: r.metrics[k] for k in ("threshold",)
-                                                              if k in (r.metrics or {})}})
-            for r in grid if results.trial_id_of(r) in done}
+    fitted = lambda r: {"threshold": r.metrics["threshold"]} if "threshold" in (r.metrics or {}) else {}  # noqa: E731
+    return {results.trial_id_of(r): Config(**{**r.config, **fitted(r)}) for r in grid if results.trial_id_of(r) in done}
 
 
 def _winner(space: Space, trials: pd.DataFrame, configs: dict[str, Config], answer: dict | None):
