@@ -4,6 +4,7 @@ end to end with a real search (Ray, Optuna, fastai), its threshold fitted on the
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,11 @@ LABELS = ("red", "green", "blue")
 
 
 def make_multilabel_table(root: Path, n: int = 90, px: int = 32, seed: int = 0) -> Path:
-    """images/ and tags.csv (fname, tags): each image shows a bright square of each colour it is labelled
-    with, one to three of them, on a dark noisy ground; the labels are joined by a space, as Planet's."""
+    """Planet's layout as fastai's PLANET_TINY has it: labels.csv (image_name without its .jpg, tags joined
+    by a space) and train/NAME.jpg. Each image shows a bright square of each colour it is labelled with,
+    one to three of them, on a dark noisy ground."""
     rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "train").mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
         present = [c for c in range(3) if rng.random() < 0.5] or [int(rng.integers(3))]
@@ -34,21 +36,29 @@ def make_multilabel_table(root: Path, n: int = 90, px: int = 32, seed: int = 0) 
         for c in present:
             y, x = rng.integers(0, px - 12, 2)
             img[y:y + 12, x:x + 12, c] = 255
-        Image.fromarray(img).save(root / "images" / f"{i:03d}.png")
-        rows.append({"fname": f"images/{i:03d}.png", "tags": " ".join(LABELS[c] for c in present)})
-    pd.DataFrame(rows).to_csv(root / "tags.csv", index=False)
-    return root / "tags.csv"
+        Image.fromarray(img).save(root / "train" / f"train_{i:03d}.jpg", quality=95)
+        rows.append({"image_name": f"train_{i:03d}", "tags": " ".join(LABELS[c] for c in present)})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return root / "labels.csv"
 
 
 def _data(table: Path) -> dict:
-    return {"csv": str(table), "label_col": "tags", "label_delim": " "}
+    """The table as a data mapping, as lesson 3 reads Planet: fastai's from_csv(folder='train', suff='.jpg',
+    label_delim=' ')."""
+    return {"csv": str(table), "folder": str(table.parent / "train"), "fn_col": "image_name", "label_col": "tags",
+            "label_delim": " ", "suff": ".jpg"}
 
 
 @pytest.fixture(scope="module")
 def multi_search(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multi")
-    table = make_multilabel_table(tmp / "planetish")
-    space = write_space(tmp / "tags.yaml", {**tiny(tmp, data=_data(table), size=32, presize=32, epochs=4),
+    make_multilabel_table(tmp / "planet_tiny")
+    # `data: planet_tiny`, fastai's download, found where an earlier download went (sources._download): the
+    # product's own path for it, with the table made here (no network)
+    record = Path(os.environ["TUNE_SOTA_CACHE"]) / "downloads" / "planet_tiny.path"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(str(tmp / "planet_tiny"))
+    space = write_space(tmp / "tags.yaml", {**tiny(tmp, data="planet_tiny", size=32, presize=32, epochs=4),
                                             "lr": {"loguniform": [3e-3, 3e-2]}},
                         {"num_samples": 2, "max_concurrent": 2, "cpus_per_trial": 1, "scheduler": "fifo",
                          "holdout": 0.2, "confirm_top": 1, "confirm_seeds": 1})
@@ -98,7 +108,7 @@ def test_the_export_and_predict_give_every_label_above_the_threshold(multi_searc
     about = json.loads((folder / "export" / "classes.json").read_text())
     assert about["multi_label"] is True and about["classes"] == sorted(LABELS)
     assert about["threshold"] == pytest.approx(best["threshold"])
-    images = sorted((folder.parent.parent / "planetish" / "images").glob("*.png"))[:12]
+    images = sorted((folder.parent.parent / "planet_tiny" / "train").glob("*.jpg"))[:12]
     learn = export.load(folder / "export")
     assert export.threshold(learn) == pytest.approx(best["threshold"])
     probs, classes = export.predict(learn, images)
@@ -139,7 +149,7 @@ def test_multi_score_is_scikit_learns_f2_per_image_and_fastais_accuracy_multi():
 
 def test_both_pipelines_read_a_multi_label_table_alike(tmp_path):
     table = make_multilabel_table(tmp_path / "t", n=40)
-    truth = pd.read_csv(table).set_index("fname").tags.str.split()
+    truth = pd.read_csv(table).set_index("image_name").tags.str.split()
     got = {}
     for pipeline in ("cached", "fastai"):
         cfg = Config(**{**tiny(tmp_path, data=data_value(_data(table)), size=32, presize=32), "pipeline": pipeline,
@@ -163,7 +173,7 @@ def test_both_pipelines_read_a_multi_label_table_alike(tmp_path):
                                             "pipeline": "fastai", "holdout": 0.2}), workers=0,
                                   device=torch.device("cpu"))
     for item, y in zip(dls.valid.items, got["fastai"]):
-        name = f"images/{Path(item).name}"
+        name = Path(item).stem
         assert {LABELS_SORTED[j] for j in torch.nonzero(y).flatten().tolist()} == set(truth[name]), name
 
 
@@ -177,8 +187,8 @@ def test_multi_label_mistakes_are_one_line(tmp_path, capsys):
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"data": {"folder": str(tmp_path), "label_delim": " "}}))
     code, err = run_main(capsys, "search", "--space", tmp_path / "a.yaml", "--results", tmp_path / "r")
     assert_one_line_error(code, err, "label_delim splits a table's labels; it needs csv:")
-    one = tmp_path / "one.csv"
-    pd.DataFrame({"fname": ["t/images/000.png", "t/images/001.png"], "tags": ["red", "red"]}).to_csv(one, index=False)
+    one = tmp_path / "t" / "one.csv"
+    pd.DataFrame({"image_name": ["train_000", "train_001"], "tags": ["red", "red"]}).to_csv(one, index=False)
     (tmp_path / "b.yaml").write_text(yaml.safe_dump({"data": {**_data(one)}}))
     code, err = run_main(capsys, "search", "--space", tmp_path / "b.yaml", "--results", tmp_path / "r")
     assert_one_line_error(code, err, "fewer than 2 labels split by label_delim ' '")

@@ -152,7 +152,8 @@ class Config:
     """One training run, every value fixed. Field defaults are chapter 7's choices where it has one."""
 
     data: str = _opt("digits", "'digits' (offline, ships with scikit-learn), imagenette2-160|-320, "
-                     "imagenette2, imagewoof2-160|-320, imagewoof2, a folder with train/ and val/, a folder of "
+                     "imagenette2, imagewoof2-160|-320, imagewoof2, planet_tiny|planet_sample (multi-label), "
+                     "a folder with train/ and val/, a folder of "
                      "class folders (val/ = a stratified 20%), or a table {csv: labels.csv, folder: images} "
                      "(see README, Data)", _data)
     arch: str = _opt("xresnet50", "model: chapter 7's xresnet, or fastai's ResNeXt with squeeze-and-excitation "
@@ -288,9 +289,8 @@ class Config:
 
     @property
     def multi_label(self) -> bool:
-        """Whether the data is a table with several labels per image (`label_delim`)."""
-        spec = sources.parse_data(self.data)
-        return spec is not None and bool(spec.label_delim)
+        """Whether the data is a table with several labels per image (`label_delim`; planet_tiny, planet_sample)."""
+        return bool(sources.label_delim(self.data))
 
     @property
     def item_size(self) -> int:

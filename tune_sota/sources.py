@@ -46,7 +46,13 @@ DOWNLOADS = {
     "imagewoof2": "IMAGEWOOF",
     "imagewoof2-160": "IMAGEWOOF_160",
     "imagewoof2-320": "IMAGEWOOF_320",
+    "planet_tiny": "PLANET_TINY",  # lesson 3's multi-label satellite images: 200 of them
+    "planet_sample": "PLANET_SAMPLE",  # ...and 1,000
 }
+# The downloads that are tables rather than image folders, read as fastai's lesson 3 reads them
+# (`from_csv(path, folder='train', suff='.jpg', label_delim=' ')`); paths relative to the download.
+TABLES = {name: {"csv": "labels.csv", "folder": "train", "fn_col": "image_name", "label_col": "tags",
+                 "label_delim": " ", "suff": ".jpg"} for name in ("planet_tiny", "planet_sample")}
 DIGITS_PX = 64  # the 8x8 digits are upscaled so that presizing and random crops have pixels to work with
 IMAGE_EXTS = {ext for ext, kind in mimetypes.types_map.items() if kind.startswith("image/")} | {".webp"}
 MOSTLY_UNREADABLE = 0.5  # above this share of unreadable images a split is an error, below it they are skipped
@@ -73,6 +79,7 @@ class DataSpec:
     valid_col: str = ""  # a true/false column marking val/ rows; '' = `is_valid` if the table has one
     valid_pct: float = 0.2  # share of each class drawn as val/ when the data names none (as fastai's default)
     label_delim: str = ""  # the table's labels hold several per image, split by this (fastai's; Planet's ' ')
+    suff: str = ""  # appended to each file name of the table (fastai's from_csv `suff`; Planet's '.jpg')
 
 
 DATA_KEYS = tuple(f.name for f in fields(DataSpec))
@@ -93,7 +100,7 @@ def parse_data(data) -> DataSpec | None:
             raise UserError(f"data: unknown key '{unknown[0]}'; a data mapping takes {', '.join(DATA_KEYS)}")
         if not data.get("csv") and not data.get("folder"):
             raise UserError("data: a mapping needs csv: (a table of file names and labels) or folder: (images)")
-        for k in ("folder", "csv", "fn_col", "label_col", "valid_col", "label_delim"):
+        for k in ("folder", "csv", "fn_col", "label_col", "valid_col", "label_delim", "suff"):
             if k in data and not isinstance(data[k], str):
                 raise UserError(f"data: {k}: {data[k]!r} is not a string")
         if data.get("label_delim") and not data.get("csv"):
@@ -171,6 +178,22 @@ def prepare_source(data: str) -> Path:
     if data not in DOWNLOADS:
         raise UserError(f"data: {folder.resolve()} is neither a folder nor a known dataset; use 'digits', one of "
                         f"{', '.join(DOWNLOADS)}, or a folder with train/ and val/ (one subfolder per class)")
+    folder = _download(data)
+    if data in TABLES:  # a downloaded table: its split view, as for any table
+        t = TABLES[data]
+        return split_view(DataSpec(**{**t, "csv": str(folder / t["csv"]), "folder": str(folder / t["folder"])}))
+    return folder
+
+
+def label_delim(data: str) -> str:
+    """The delimiter of a multi-label `data:` value (a table with label_delim, or a download that is one);
+    '' for single-label data."""
+    spec = parse_data(data)
+    return spec.label_delim if spec is not None else TABLES.get(data, {}).get("label_delim", "")
+
+
+def _download(data: str) -> Path:
+    """The folder fastai's untar_data gives for the download `data`: fetched once, then found again."""
     # Where an earlier download went, so that a search's driver finds it without importing fastai (and
     # torch with it: seconds at every start); fastai's own folder may be anywhere its config says.
     record = cache_dir() / "downloads" / f"{data}.path"
@@ -185,9 +208,13 @@ def prepare_source(data: str) -> Path:
         with shown:
             folder = Path(untar_data(getattr(URLs, DOWNLOADS[data])))
     except OSError as e:  # no network (URLError, socket errors and timeouts are OSErrors): the offline hint
+        if data in TABLES:
+            local = data_value(DataSpec(**{**TABLES[data], "csv": "PATH/labels.csv", "folder": "PATH/train"}))
+            copy = f"a local copy of its table, e.g. --set 'data={local}'"
+        else:
+            copy = "a local copy with train/ and val/, e.g. --set data=../shared/data/imagenette2-128"
         raise UserError(f"data: could not download {data} ({type(e).__name__}: {e}); without network, point "
-                        f"data: at a local copy with train/ and val/ (in a space file a relative path is read "
-                        f"from its folder), e.g. --set data=../shared/data/imagenette2-128") from None
+                        f"data: at {copy} (in a space file a relative path is read from its folder)") from None
     except Exception as e:  # anything else (fastai's config, a broken archive) says what it was, unhinted
         first = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"data: could not download {data}: {type(e).__name__}: {first}") from None
@@ -409,7 +436,7 @@ def _table_items(spec: DataSpec) -> tuple[list[tuple[Path, str, str]], np.ndarra
     if df.empty:
         raise UserError(f"data: {table} has no rows")
     folder = Path(spec.folder).expanduser().resolve() if spec.folder else table.parent
-    names, labels = df[spec.fn_col].astype(str).str.strip(), df[spec.label_col]
+    names, labels = df[spec.fn_col].astype(str).str.strip() + spec.suff, df[spec.label_col]
     if labels.isna().any():
         first = int(labels.isna().to_numpy().argmax()) + 2  # the line in the file: 1-based, after the header
         raise UserError(f"data: {table.name} has {int(labels.isna().sum())} row(s) without a label in column "
