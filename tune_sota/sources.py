@@ -210,7 +210,7 @@ def _download(data: str) -> Path:
     except OSError as e:  # no network (URLError, socket errors and timeouts are OSErrors): the offline hint
         if data in TABLES:
             local = data_value(DataSpec(**{**TABLES[data], "csv": "PATH/labels.csv", "folder": "PATH/train"}))
-            copy = f"a local copy of its table, e.g. --set 'data={local}'"
+            copy = f'a local copy of its table, e.g. --set "data={local}"'
         else:
             copy = "a local copy with train/ and val/, e.g. --set data=../shared/data/imagenette2-128"
         raise UserError(f"data: could not download {data} ({type(e).__name__}: {e}); without network, point "
