@@ -42,6 +42,7 @@ def slower_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "bigger", per_class=(80, 10), px=32)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the node ids (its hook runs last)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`-n 2`, as pyproject.toml sets), a costly shared fixture is built once, not once per
     worker: the tests that read the one shared search run in one worker, and so do a module's tests that share
@@ -51,7 +52,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("searched"))
             continue
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})  # pytest's, read-only
-        if any(d and d[-1].scope == "module" for d in defs.values()):
+        # a module's own session-scoped fixture too: a module-scoped one is torn down and built again when
+        # another module's test runs between two of its tests on that worker (seen once in CI: 44 s twice)
+        if any(d and (d[-1].scope == "module" or (d[-1].scope == "session" and d[-1].baseid.endswith(".py")))
+               for d in defs.values()):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 

@@ -49,7 +49,7 @@ def _data(table: Path) -> dict:
             "label_delim": " ", "suff": ".jpg"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once: its tests are kept on one worker (conftest)
 def multi_search(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multi")
     make_multilabel_table(tmp / "planet_tiny")
