@@ -21,6 +21,7 @@ from tune_sota.config import Config, ConfigError, parse_space
 from tune_sota.sources import data_value
 
 LABELS = ("red", "green", "blue")
+LABELS_SORTED = sorted(LABELS)  # the vocabulary's order
 
 
 def make_multilabel_table(root: Path, n: int = 90, px: int = 32, seed: int = 0) -> Path:
@@ -176,8 +177,6 @@ def test_both_pipelines_read_a_multi_label_table_alike(tmp_path):
         name = Path(item).stem
         assert {LABELS_SORTED[j] for j in torch.nonzero(y).flatten().tolist()} == set(truth[name]), name
 
-
-LABELS_SORTED = sorted(LABELS)
 
 
 def test_multi_label_mistakes_are_one_line(tmp_path, capsys):
