@@ -158,7 +158,7 @@ def test_a_driver_killed_twice_resumes_without_losing_or_repeating_work(tmp_path
     # Killed the moment a second trial has ended: four of six trials are still to run, whatever the
     # machine's speed, so the search is certainly mid-way (no sleep racing a timer).
     proc = _popen("search", "--space", space, "--results", tmp_path / "results")
-    _wait(lambda: len(finished()) >= 2, 300, "two finished trials", proc)
+    _wait(lambda: len(finished()) >= 2, 300, "two finished trials", proc, every=0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray processes it started
     proc.wait()
     before = finished()
@@ -166,7 +166,7 @@ def test_a_driver_killed_twice_resumes_without_losing_or_repeating_work(tmp_path
 
     # Resumed, and killed again once two of the six confirmation runs have ended.
     proc = _popen("search", "--resume", "killed", "--results", tmp_path / "results")
-    _wait(lambda: len(finished_runs()) >= 2, 400, "two finished confirmation runs", proc)
+    _wait(lambda: len(finished_runs()) >= 2, 400, "two finished confirmation runs", proc, every=0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     runs_before = finished_runs()

@@ -61,7 +61,9 @@ def test_ctrl_c_stops_at_checkpoints_then_the_printed_command_resumes(tmp_path, 
     (results / "sig").mkdir(parents=True)  # taken: the search is named sig-2, and the command must say so
     folder = results / "sig-2"
     proc = _popen("search", "--space", space, "--results", results)
-    _wait(lambda: _rungs(folder).get("0.5"), 300, "a trial judged at the 50% rung", proc)
+    # polled often: on a 2-core CI box the judged trial's two epochs to its next checkpoint take about 0.6 s
+    # (polling every 0.5 s, one CI run in four saw it finish before the Ctrl-C)
+    _wait(lambda: _rungs(folder).get("0.5"), 300, "a trial judged at the 50% rung", proc, every=0.02)
     os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole foreground group
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out[-3000:]
