@@ -338,8 +338,9 @@ def main(argv=None) -> int:
     n_rep = int((trials_n.replicate_of.fillna("") != "").sum()) if "replicate_of" in trials_n else 0
     global MODEL
     MODEL = sim.Surrogate(frame, space, seed=0)
-    if any(sim.METHODS[m].wrong for m in methods):  # computed once, before the workers fork
-        MODEL.worst_corner = sim.worst_corner(MODEL)
+    wrong = [sim.METHODS[m] for m in methods if sim.METHODS[m].wrong]
+    for m in wrong:  # computed once, before the workers fork
+        sim.worst_corner(MODEL, sim.held_values(MODEL, m))
     rho, n_held = sim.heldout_spearman(frame, space)
     noise = MODEL.noise
     lines = [f"- table: {source}; {len(trials_n) - n_rep} trials and {n_rep} seed replicates, {len(frame)} epoch "
@@ -358,16 +359,18 @@ def main(argv=None) -> int:
              f"end); compute is simulated trial-seconds (the table's CPU "
              f"seconds per epoch); "
              f"regret is in points of val/ accuracy below the best in the space"]
-    if getattr(MODEL, "worst_corner", None):
+    if wrong:
         from tune_sota.priors import pick
 
         picks = pick(space.searched)
-        wc = {k: MODEL.worst_corner[k] for k in (picks or MODEL.worst_corner)}
-        value = MODEL.values([{**MODEL.baseline(), **picks}])[0]
+        held = sim.held_values(MODEL, wrong[0])
+        corner = sim.worst_corner(MODEL, held)
+        wc = {k: corner[k] for k in (picks or corner) if k not in held}
+        value = MODEL.values([{**MODEL.baseline(), **picks, **held}])[0]
         lines.append(f"- priors (the space's): {picks}, predicted val/ accuracy of the pick "
-                     f"{value:.4f}; the wrong priors ('-wrong' methods): the worst corner of the space, {wc}, "
-                     f"predicted {MODEL.values([MODEL.worst_corner])[0]:.4f}, at the "
-                     f"same confidences")
+                     f"{value:.4f}{f' with {held} held' if held else ''}; the wrong priors ('-wrong' methods): the "
+                     f"worst corner of the space{' among the searched keys' if held else ''}, {wc}, "
+                     f"predicted {MODEL.values([corner])[0]:.4f}, at the same confidences")
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     # the ratio's setting (the first) runs on to --extend x its compute; the others only as far as equal
     # compute needs (a 32-trial TPE search run on to 8x takes seconds per proposal late on)
@@ -392,12 +395,15 @@ def main(argv=None) -> int:
     real = pd.read_csv(args.validation, dtype={"resize": str}) if Path(args.validation).is_file() \
         and not args.synthetic else pd.DataFrame()
     groups = []  # real searches of one budget and one set of decision settings each
-    keys = ["searches", "scheduler", "grace", "reduction_factor", "searcher", "startup_trials", "final_size"]
+    if len(real):  # rows before issue 26 searched epochs (no epochs_mode column)
+        real["epochs_mode"] = real["epochs_mode"].fillna("searched") if "epochs_mode" in real else "searched"
+    keys = ["searches", "scheduler", "grace", "reduction_factor", "searcher", "startup_trials", "final_size",
+            "epochs_mode"]
     for _, group in (real.groupby(keys, sort=False) if len(real) else []):
         g = group.iloc[0]
         n, w = parse_settings(g.searches)[0]
         method = sim.Method(g.searcher, g.scheduler, grace=float(g.grace), rf=int(g.reduction_factor),
-                            startup=int(g.startup_trials), final_size=bool(g.final_size))
+                            startup=int(g.startup_trials), final_size=bool(g.final_size), epochs=g.epochs_mode)
         tag = f"{g.searches} {method.label()}"
         groups.append((tag, g.searches, method, group))
         jobs += [job("valid", tag, "tune_sota", method, s, n, w) for s in seeds]

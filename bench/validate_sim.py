@@ -6,10 +6,11 @@ distribution it simulates for the same settings (the section "Validation against
     python bench/validate_sim.py --searches 3            # seeds 101, 102, 103 (skips those already recorded)
     python bench/validate_sim.py --searches 3 --trials 12 --workers 2
     python bench/validate_sim.py --searches 2 --first-seed 301 --startup-trials 8   # a candidate default
+    python bench/validate_sim.py --searches 3 --first-seed 401      # the defaults of issue 26 (epochs at the top)
 
 Each search is `tune_sota.search.run` of `bench/curves/space.yaml` with the scheduler and searcher put
 back to the product's defaults (`search.scheduler` asha, `search.searcher` tpe, grace, reduction factor
-and start-up trials as `SearchSettings` ships them, or `--startup-trials` for a candidate), `--trials`
+start-up trials and `search.epochs` as `SearchSettings` ships them, or `--startup-trials` for a candidate), `--trials`
 trials `--workers` at once, and no confirmation (the simulator scores the choice, the best completed
 trial on the holdout, and so does this). The rows go to `bench/curves/validation.csv`, one per search: the
 seed, the choice's values and holdout accuracy, its val/ accuracy plainly and with TTA, the trial-seconds
@@ -47,6 +48,7 @@ def real_space(seed: int, trials: int, workers: int, startup: int | None = None)
     return load_space(str(SPACE), [f"search.scheduler={d.scheduler}", f"search.searcher={d.searcher}",
                                    f"search.grace={d.grace}", f"search.reduction_factor={d.reduction_factor}",
                                    f"search.startup_trials={startup}", f"search.seed={seed}",
+                                   f"search.epochs={d.epochs}",
                                    f"search.final_size_rungs={str(d.final_size_rungs).lower()}",
                                    f"search.num_samples={trials}", f"search.max_concurrent={workers}",
                                    "search.confirm_top=0", f"search.keep_checkpoints={d.keep_checkpoints}"])
@@ -58,6 +60,8 @@ def one_search(seed: int, trials: int, workers: int, work: Path, startup: int | 
     name = f"validate-{trials}x{workers}-seed{seed}"
     if space.search.startup_trials != SearchSettings().startup_trials:
         name += f"-startup{space.search.startup_trials}"
+    if space.search.epochs != "searched":  # (the searches before issue 26 searched epochs, and kept the name)
+        name += f"-epochs-{space.search.epochs}"
     rdir = work / name
     state = runstate.status(rdir)
     if state != runstate.FINISHED:
@@ -77,8 +81,8 @@ def one_search(seed: int, trials: int, workers: int, work: Path, startup: int | 
     d = space.search
     return {"searches": f"{trials}x{workers}", "seed": seed, "scheduler": d.scheduler, "grace": d.grace,
             "reduction_factor": d.reduction_factor, "searcher": d.searcher, "startup_trials": d.startup_trials,
-            "final_size": bool(d.final_size_rungs), "trial_id": best.trial_id,
-            **{k: cfg.get(k) for k in space.searched}, "holdout_accuracy": float(best.accuracy),
+            "final_size": bool(d.final_size_rungs), "epochs_mode": d.epochs, "trial_id": best.trial_id,
+            **{k: cfg.get(k) for k in [*space.searched, "epochs"]}, "holdout_accuracy": float(best.accuracy),
             "val_accuracy": s["val_accuracy"], "val_tta": s["val_tta"], "trial_cpu_s": float(cpu.sum()),
             "stopped": int((trials_t.status == "stopped").sum()), "trials": int(len(trials_t))}
 
@@ -106,7 +110,8 @@ def main(argv=None) -> int:
             startup = d.startup_trials if args.startup_trials is None else args.startup_trials
             if len(table) and ((table.searches == key) & (table.seed == seed) & (table.grace == d.grace)
                                & (table.final_size == d.final_size_rungs)
-                               & (table.startup_trials == startup)).any():
+                               & (table.startup_trials == startup)
+                               & (table.get("epochs_mode", "searched") == d.epochs)).any():
                 log.info("seed %d at %s with %d start-up trials: recorded already", seed, key, startup)
                 continue
             row = one_search(seed, args.trials, args.workers, work, startup)

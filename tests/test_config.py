@@ -3,7 +3,16 @@
 import pytest
 import yaml
 
-from tune_sota.config import SPACES_DIR, Config, ConfigError, Dist, load_space, parse_space, space_to_yaml
+from tune_sota.config import (
+    SPACES_DIR,
+    Config,
+    ConfigError,
+    Dist,
+    hold_epochs,
+    load_space,
+    parse_space,
+    space_to_yaml,
+)
 
 
 def err(raw) -> str:
@@ -42,6 +51,7 @@ def test_defaults_are_a_valid_config():
     ({"search": {"num_samples": 0}}, "search.num_samples: 0 is not allowed; must be in [1, 100000]"),
     ({"search": {"reduction_factor": 1}}, "search.reduction_factor"),
     ({"search": {"bogus": 1}}, "search.unknown key 'bogus'"),
+    ({"search": {"epochs": "longest"}}, "search.epochs: 'longest' is not allowed; must be one of max, searched"),
     ({"search": [1, 2]}, "search.expected a mapping"),
     ([1, 2], "a space is a mapping"),
 ])
@@ -60,6 +70,18 @@ def test_space_with_distributions_and_search_section():
     assert cfg.lr == 0.005 and cfg.stages == [(64, 0.5), (128, 0.5)]
     with pytest.raises(ConfigError, match="still a distribution"):
         space.fixed()
+
+
+def test_a_searched_epochs_range_is_trained_at_its_top_unless_searched():
+    raw = {"lr": {"loguniform": [1e-3, 1e-2]}, "epochs": {"randint": [2, 6], "prior": 3}}
+    held, top = hold_epochs(parse_space(raw))  # search.epochs: max, the default
+    assert top == 6 and held.values["epochs"] == 6 and set(held.searched) == {"lr"}
+    assert held.resolve({"lr": 0.005}).epochs == 6 and held.baseline_config().epochs == 6
+    assert hold_epochs(parse_space({**raw, "epochs": {"choice": [5, 20, 10]}}))[0].values["epochs"] == 20
+    space = parse_space({**raw, "search": {"epochs": "searched"}})
+    assert hold_epochs(space) == (space, None) and set(space.searched) == {"lr", "epochs"}
+    fixed = parse_space({**raw, "epochs": 4})
+    assert hold_epochs(fixed) == (fixed, None)
 
 
 def test_exported_config_round_trips_as_a_space():
@@ -101,6 +123,7 @@ def test_readme_documents_every_field():
     from tune_sota.config import SearchSettings
 
     readme = (SPACES_DIR.parent / "README.md").read_text()
-    for cls in (Config, SearchSettings):
+    configs, search = readme.split("### Search settings (`search:`)", 1)  # Config and search share names (epochs)
+    for cls, text in ((Config, configs), (SearchSettings, search)):
         for f in dataclasses.fields(cls):
-            assert f"| `{f.name}` |" in readme, f"README's tables lack {cls.__name__}.{f.name}"
+            assert f"| `{f.name}` |" in text, f"README's tables lack {cls.__name__}.{f.name}"

@@ -24,6 +24,7 @@ def test_search_writes_results_and_summary(searched):
         assert (folder / name).is_file(), name
     assert not (folder / "scheduler.json").exists(), "state files stay out of the top, which Ray's restore copies"
     assert "stopped early by ASHA" in run.stdout and "judged on a 20% holdout of train/" in run.stdout
+    assert "every trial trains 4 epochs, the top of the space's range (search.epochs: max" in run.stdout
     assert "confirmed on val/ over 2 seed(s)" in run.stdout and "with TTA" in run.stdout
     assert "baseline (chapter 7's plain recipe" in run.stdout and "gain: " in run.stdout
     # the gain with its uncertainty, and the noise of the trials' holdout accuracies
@@ -51,6 +52,8 @@ def test_trial_table(searched):
                 "time_s", "confirmed_accuracy", "confirmed_tta"):
         assert col in trials.columns, col
     assert trials.trial_id.map(type).eq(str).all() and trials.resize.isin(["16", "8>16"]).all()
+    assert (trials.epochs == 4).all()  # ALL_FIVE's epochs {randint: [2, 4]} held at its top (search.epochs: max)
+    assert yaml.safe_load((folder / "space.yaml").read_text())["epochs"] == 4  # what a resume reads
     done = trials[trials.status == "completed"]
     assert (done.epochs_run == done.epochs).all()
     stopped = trials[trials.status == "stopped"]

@@ -80,6 +80,16 @@ def test_the_products_schedulers_and_searchers_drive_the_simulation(model, name)
     assert run.compute_after(10) < full
 
 
+def test_the_shipped_search_trains_every_trial_at_the_top_of_the_epochs_range_and_the_anchors_sample_it(model):
+    top = max(sim.synthetic_space().searched["epochs"].args)
+    shipped = sim.simulate(model, sim.METHODS["tune_sota"], seed=0, workers=2, trials=8)
+    assert {t["epochs"] for t in shipped.trials} == {top}  # search.epochs: max, as search.run holds it
+    assert "epochs" not in shipped.searcher.space  # so TPE spends its trials on the rest
+    for name in ("random", "tune_sota-searched", "tpe+ray-asha"):
+        run = sim.simulate(model, sim.METHODS[name], seed=0, workers=2, trials=8)
+        assert len({t["epochs"] for t in run.trials}) > 1, name
+
+
 def t_params(trial: dict, model) -> dict:
     return {k: trial[k] for k in model.enc.keys}
 

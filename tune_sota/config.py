@@ -304,6 +304,7 @@ class Config:
 SCHEDULERS = ("asha", "fifo", "ray-asha")  # tune_sota.scheduler.make_scheduler builds them
 SEARCHERS = ("tpe", "gp", "random", "ray-optuna")  # search.make_searcher builds them
 PRIOR_MODES = ("off", "first", "pibo")  # priors.prior_sampler builds them
+EPOCH_MODES = ("max", "searched")  # hold_epochs applies them
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,11 @@ class SearchSettings:
                          "complete (no study on disk; for comparison)", _one_of(*SEARCHERS))
     seed: int = _opt(0, "seed of Optuna's sampler", _at_least(0))
     startup_trials: int = _opt(4, "trials Optuna samples at random before TPE models the results", _at_least(1))
+    epochs: str = _opt("max", "what a searched `epochs` range means: 'max' trains every trial for the top of the "
+                       "range, so the trials go to the other keys and ASHA compares schedules of one length (the "
+                       "best config trained longest on each of three recorded tasks: README, 'What the defaults "
+                       "rest on'); 'searched' samples it like any other key (cheaper trials; fix `epochs` to what "
+                       "you can afford instead)", _one_of(*EPOCH_MODES))
     priors: str = _opt("off", "what the search makes of the space's priors (prior: and confidence: beside a "
                        "distribution): 'off' ignores them; 'first' makes the experts' pick the first trial; 'pibo' "
                        "also draws a quarter of the start-up trials from the priors, then a share startup/(4n), and "
@@ -437,6 +443,18 @@ class Space:
         """The baseline run: the space's fixed values, the schema defaults for what is searched, the
         `baseline:` section on top (chapter 7's plain recipe by default), then `over`."""
         return Config(**{**self.fixed_values(), **self.baseline, **over})
+
+
+def hold_epochs(space: Space) -> tuple[Space, int | None]:
+    """(the space a search runs, the epochs it holds): with `search.epochs: max` a searched `epochs` becomes the top
+    of its range. Accuracy grows with the schedule's length far more than with any other key at a search's budget
+    (about half the variance on the recorded table), so the range's top is what the best config uses and sampling
+    shorter schedules spends trials learning that (issue 26, bench/RESULTS.md)."""
+    e = space.values.get("epochs")
+    if space.search.epochs != "max" or not isinstance(e, Dist):
+        return space, None
+    top = int(max(e.args))
+    return dataclasses.replace(space, values={**space.values, "epochs": top}), top
 
 
 def _type_name(t) -> str:

@@ -41,6 +41,7 @@ from tune_sota.config import (
     Dist,
     Space,
     UserError,
+    hold_epochs,
     parse_duration,
     parse_space,
     plain,
@@ -156,6 +157,7 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
     out = out or say
     space, name, renamed_from, results_dir, storage = _locate(space, name, Path(results_root).resolve(), storage,
                                                              resume)
+    space, held = hold_epochs(space)  # written so: a resumed search reads the epochs its trials trained
     preflight.check(space, address, out)
     for d in space.options("data"):  # download or write the data once here, not in every trial
         if not Path(d).expanduser().exists():
@@ -188,6 +190,9 @@ def run(space: Space, *, name: str | None = None, results_root: str | Path = "re
         judged = f"a {s.holdout:.0%} holdout of train/" if s.select_on == "holdout" else "val/ (optimistic)"
         out(f"tune-sota: searching '{space.name}' as {name}: {s.num_samples} trials, "
             f"{', '.join(searched) or 'nothing'} searched, judged on {judged}; results in {results_dir}")
+        if held:
+            out(f"tune-sota: every trial trains {held} epochs, the top of the space's range (search.epochs: max; "
+                f"search.epochs: searched samples it)")
         fn = tune.with_resources(tune.with_parameters(trainable.trial, **checkpoint_plan(space)),
                                  {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
         time_budget = None

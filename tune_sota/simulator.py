@@ -48,6 +48,7 @@ predicted val/ accuracy over the recorded configs and a large random sample of t
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -58,7 +59,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from tune_sota.config import Config, Dist, SearchSettings, Space
+from tune_sota.config import Config, Dist, SearchSettings, Space, hold_epochs
 from tune_sota.schedule import parse_schedule, rung_shares, size_at_epoch
 
 log = logging.getLogger(__name__)
@@ -393,6 +394,7 @@ class Method:
     prior_options: tuple = ()  # (name, value) pairs for PriorSampler: beta, mix, candidates
     wrong: bool = False  # the priors replaced by the worst corner of the space (worst_corner)
     right: bool = False  # the priors replaced by the surrogate's best config: what a prior could win at most
+    epochs: str = SHIPPED.epochs  # search.epochs: max holds a searched range at its top (config.hold_epochs)
 
     def label(self) -> str:
         """The method in `search:` terms."""
@@ -411,7 +413,7 @@ class Method:
             searcher += f", priors {self.priors}{f' ({opts})' if opts else ''}" + (" WRONG: the worst corner" if
                                                                                   self.wrong else "") + \
                 (" RIGHT: the best config" if self.right else "")
-        return f"{sched} / {searcher}"
+        return f"{sched} / {searcher}" + (", epochs at the top" if self.epochs == "max" else "")
 
 
 def _prior(mode: str, **kw) -> Method:
@@ -419,15 +421,18 @@ def _prior(mode: str, **kw) -> Method:
     return Method(SHIPPED.searcher, SHIPPED.scheduler, priors=mode, **kw)
 
 
+# The anchors search the whole space, epochs included, as their stock versions would.
 METHODS = {
-    "random": Method("random", "fifo"),
+    "random": Method("random", "fifo", epochs="searched"),
     "tune_sota": Method(SHIPPED.searcher, SHIPPED.scheduler),  # the shipped defaults (SearchSettings)
-    "tpe": Method("tpe", "fifo"),
-    "random+asha": Method("random", "asha"),
-    "tpe+ray-asha": Method("tpe", "ray-asha"),
-    "ray-optuna+asha": Method("ray-optuna", "asha"),  # TPE told ASHA's stops as complete (Ray's OptunaSearch)
-    "gp+asha": Method("gp", "asha"),
-    "oracle": Method("oracle", "fifo"),
+    "tune_sota-searched": Method(SHIPPED.searcher, SHIPPED.scheduler, epochs="searched"),  # before issue 26
+    "tpe": Method("tpe", "fifo", epochs="searched"),
+    "random+asha": Method("random", "asha", epochs="searched"),
+    "tpe+ray-asha": Method("tpe", "ray-asha", epochs="searched"),
+    # TPE told ASHA's stops as complete (Ray's OptunaSearch)
+    "ray-optuna+asha": Method("ray-optuna", "asha", epochs="searched"),
+    "gp+asha": Method("gp", "asha", epochs="searched"),
+    "oracle": Method("oracle", "fifo", epochs="searched"),
     # issue 26: the space's priors (priors.py) as declared, with the worst corner of the space declared instead
     # (-wrong), and with the surrogate's best config declared (-right: what a prior could win at most)
     "priors": _prior("pibo"),
@@ -443,18 +448,32 @@ METHODS = {
 }
 
 
-def worst_corner(model: Surrogate, limit: int = 20000) -> dict:
+def worst_corner(model: Surrogate, held: dict | None = None, limit: int = 20000) -> dict:
     """The corner of the space the surrogate rates worst: each number at an end of its range, each choice
     any of its options (a random `limit` of the corners where there are more): the deliberately wrong
-    prior."""
-    options = [[d.args[0], d.args[1]] if d.kind != "choice" else list(d.args) for d in model.space.searched.values()]
-    keys = list(model.space.searched)
+    prior. `held`: values the search holds (search.epochs: max), the corner taken among the rest. Kept on the
+    model, so that bench/simulate.py computes it once before its workers fork."""
+    held = held or {}
+    cache = model.__dict__.setdefault("worst_corners", {})
+    if (key := tuple(sorted(held.items()))) in cache:
+        return cache[key]
+    dists = {k: d for k, d in model.space.searched.items() if k not in held}
+    options = [[d.args[0], d.args[1]] if d.kind != "choice" else list(d.args) for d in dists.values()]
+    keys = list(dists)
     if math.prod(len(o) for o in options) <= limit:
-        corners = [dict(zip(keys, c)) for c in itertools.product(*options)]
+        corners = [{**dict(zip(keys, c)), **held} for c in itertools.product(*options)]
     else:
         rng = np.random.default_rng(0)
-        corners = [{k: o[int(rng.integers(len(o)))] for k, o in zip(keys, options)} for _ in range(limit)]
-    return corners[int(np.argmin(model.values(corners)))]
+        corners = [{**{k: o[int(rng.integers(len(o)))] for k, o in zip(keys, options)}, **held} for _ in range(limit)]
+    cache[key] = corners[int(np.argmin(model.values(corners)))]
+    return cache[key]
+
+
+def held_values(model: Surrogate, method: Method) -> dict:
+    """What `method` holds of the table's searched keys (search.epochs: max holds epochs at its top)."""
+    space = dataclasses.replace(model.space, search=dataclasses.replace(model.space.search, epochs=method.epochs))
+    top = hold_epochs(space)[1]
+    return {"epochs": top} if top else {}
 
 
 def with_priors(space: Space, picks: dict) -> dict[str, Dist]:
@@ -501,9 +520,7 @@ def make_searcher(method: Method, space: Space, seed: int, model: Surrogate):
                                else "tpe", seed=seed, startup_trials=method.startup, priors=method.priors)
     if method.wrong or method.right:  # the worst corner (or the best config) declared as the experts' pick, for
         # the keys the space gives priors
-        corner = getattr(model, "worst_corner", None) or worst_corner(model)
-        model.worst_corner = corner  # (bench/simulate.py sets it before its workers fork)
-        pick = corner if method.wrong else model.ranked[0]
+        pick = worst_corner(model, held_values(model, method)) if method.wrong else model.ranked[0]
         keys = [k for k, d in space.searched.items() if d.prior is not None] or list(space.searched)
         s.space = with_priors(space, {k: pick[k] for k in keys})
     s.prior_options = dict(method.prior_options)
@@ -601,7 +618,8 @@ def simulate(model: Surrogate, method: Method, *, seed: int, workers: int, trial
     trial starts once the trials that ended or ran have spent that many trial-seconds (the trials running
     then finish): searches compared at equal compute rather than equal trials, so a method that spends less
     per trial runs more of them."""
-    space = model.space
+    space, held = hold_epochs(dataclasses.replace(model.space, search=dataclasses.replace(
+        model.space.search, epochs=method.epochs)))  # as search.run holds it, for the method's setting
     max_epochs = max(model.enc.epochs(c) for c in model.candidates) if model.candidates else 1
     searcher = make_searcher(method, space, SEARCHER_SEEDS + seed, model)
     rule = Rule(method, max_epochs)
@@ -619,6 +637,8 @@ def simulate(model: Surrogate, method: Method, *, seed: int, workers: int, trial
         params = searcher.suggest(trial_id)
         if params is None:
             return
+        if held:
+            params = {**params, "epochs": held}
         draw = model.draw(params, np.random.default_rng([seed, state["started"]]))
         live[trial_id] = {"id": trial_id, "draw": draw, "epoch": 0, "n": state["started"],
                           "sched": str(params.get("sched") or "one_cycle")}
