@@ -340,7 +340,7 @@ def main(argv=None) -> int:
     MODEL = sim.Surrogate(frame, space, seed=0)
     wrong = [sim.METHODS[m] for m in methods if sim.METHODS[m].wrong]
     for m in wrong:  # computed once, before the workers fork
-        sim.worst_corner(MODEL, sim.held_values(MODEL, m))
+        sim.worst_corner(MODEL, sim.method_space(MODEL, m)[1])
     rho, n_held = sim.heldout_spearman(frame, space)
     noise = MODEL.noise
     lines = [f"- table: {source}; {len(trials_n) - n_rep} trials and {n_rep} seed replicates, {len(frame)} epoch "
@@ -363,7 +363,7 @@ def main(argv=None) -> int:
         from tune_sota.priors import pick
 
         picks = pick(space.searched)
-        held = sim.held_values(MODEL, wrong[0])
+        held = sim.method_space(MODEL, wrong[0])[1]
         corner = sim.worst_corner(MODEL, held)
         wc = {k: corner[k] for k in (picks or corner) if k not in held}
         value = MODEL.values([{**MODEL.baseline(), **picks, **held}])[0]

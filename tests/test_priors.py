@@ -146,7 +146,7 @@ def test_a_wrong_prior_is_the_worst_corner_and_reaches_the_simulated_searcher():
     model = sim.Surrogate(sim.synthetic_table(40, seed=0), sim.synthetic_space(), seed=0, trees=20, candidates=300)
     # the shipped search holds epochs at the top of its range (8): the corner is the worst among the rest
     corner = sim.worst_corner(model, {"epochs": 8})
-    assert corner["epochs"] == 8 and sim.held_values(model, sim.METHODS["priors-wrong"]) == {"epochs": 8}
+    assert corner["epochs"] == 8 and sim.method_space(model, sim.METHODS["priors-wrong"])[1] == {"epochs": 8}
     assert model.values([corner])[0] < np.percentile(model.values(model.candidates), 10)
     assert model.values([sim.worst_corner(model)])[0] <= model.values([corner])[0]  # epochs free: worse still
     run = sim.simulate(model, sim.METHODS["priors-wrong"], seed=0, workers=2, trials=6)

@@ -469,11 +469,12 @@ def worst_corner(model: Surrogate, held: dict | None = None, limit: int = 20000)
     return cache[key]
 
 
-def held_values(model: Surrogate, method: Method) -> dict:
-    """What `method` holds of the table's searched keys (search.epochs: max holds epochs at its top)."""
+def method_space(model: Surrogate, method: Method) -> tuple[Space, dict]:
+    """(the space `method` searches, the values it holds of the table's searched keys): `search.epochs` applied
+    as search.run applies it (max holds epochs at the top of its range)."""
     space = dataclasses.replace(model.space, search=dataclasses.replace(model.space.search, epochs=method.epochs))
-    top = hold_epochs(space)[1]
-    return {"epochs": top} if top else {}
+    space, top = hold_epochs(space)
+    return space, ({"epochs": top} if top else {})
 
 
 def with_priors(space: Space, picks: dict) -> dict[str, Dist]:
@@ -520,7 +521,7 @@ def make_searcher(method: Method, space: Space, seed: int, model: Surrogate):
                                else "tpe", seed=seed, startup_trials=method.startup, priors=method.priors)
     if method.wrong or method.right:  # the worst corner (or the best config) declared as the experts' pick, for
         # the keys the space gives priors
-        pick = worst_corner(model, held_values(model, method)) if method.wrong else model.ranked[0]
+        pick = worst_corner(model, method_space(model, method)[1]) if method.wrong else model.ranked[0]
         keys = [k for k, d in space.searched.items() if d.prior is not None] or list(space.searched)
         s.space = with_priors(space, {k: pick[k] for k in keys})
     s.prior_options = dict(method.prior_options)
@@ -618,8 +619,7 @@ def simulate(model: Surrogate, method: Method, *, seed: int, workers: int, trial
     trial starts once the trials that ended or ran have spent that many trial-seconds (the trials running
     then finish): searches compared at equal compute rather than equal trials, so a method that spends less
     per trial runs more of them."""
-    space, held = hold_epochs(dataclasses.replace(model.space, search=dataclasses.replace(
-        model.space.search, epochs=method.epochs)))  # as search.run holds it, for the method's setting
+    space, held = method_space(model, method)
     max_epochs = max(model.enc.epochs(c) for c in model.candidates) if model.candidates else 1
     searcher = make_searcher(method, space, SEARCHER_SEEDS + seed, model)
     rule = Rule(method, max_epochs)
@@ -637,8 +637,7 @@ def simulate(model: Surrogate, method: Method, *, seed: int, workers: int, trial
         params = searcher.suggest(trial_id)
         if params is None:
             return
-        if held:
-            params = {**params, "epochs": held}
+        params = {**params, **held}
         draw = model.draw(params, np.random.default_rng([seed, state["started"]]))
         live[trial_id] = {"id": trial_id, "draw": draw, "epoch": 0, "n": state["started"],
                           "sched": str(params.get("sched") or "one_cycle")}
