@@ -38,14 +38,15 @@ def budgeted(tmp_path_factory):
     their first checkpoint, nothing else starts. Its first trial is the baseline (baseline_first), whose one
     epoch completes it, so the confirmation has something to run. Seed 3: the sampler draws three epochs for
     the trials after it (numbers 1 and 2), so the budget, not their schedule, ends them (the draws depend on
-    the seed and the trial's number only, searcher.trial_seed)."""
+    the seed and the trial's number only, searcher.trial_seed). So its epochs are sampled (`search.epochs:
+    searched`): held at their top, the baseline would train 3 epochs too and be cut like the others."""
     tmp = tmp_path_factory.mktemp("budget")
     data = class_folders(tmp / "pets", per_class=16)
     space = write_space(tmp / "b.yaml", {
         **tiny(data), "lr": {"loguniform": [1.0e-3, 3.0e-2]}, "mixup": {"choice": [0.0, 0.2]},
         "epochs": {"choice": [1, 3]}, "baseline": {"epochs": 1}}, {
         "num_samples": 20, "max_concurrent": 2, "cpus_per_trial": 1, "scheduler": "fifo", "startup_trials": 2,
-        "confirm_top": 1, "confirm_seeds": 1, "baseline_first": True, "seed": 3})
+        "confirm_top": 1, "confirm_seeds": 1, "baseline_first": True, "seed": 3, "epochs": "searched"})
     run = cli("search", "--space", space, "--results", tmp / "results", "--time-budget", "1s")
     return tmp, run
 
