@@ -98,7 +98,7 @@ def searched(tmp_path_factory):
     """One real search through the CLI (all five of chapter 7's dimensions, ASHA, a holdout, confirmation,
     MLflow logging), shared by every test that reads a search's outputs: tests/test_search.py, test_report.py.
 
-    Its own folder: a 48-image holdout tells a trial that has learned from one at chance by the rung. On the tiny
+    Its own folder: a 36-image holdout tells a trial that has learned from one at chance by the rung. On the tiny
     folder's 7-image holdout the trials sometimes all tied at chance there, ASHA stopped none, and the three tests
     that need a stopped trial failed. Its faint tint under a colour cast keeps every model short of 100% on val/,
     so the confirmation's interval has a width. One rung at half of the (held) 4 epochs keeping the better half:
@@ -106,7 +106,7 @@ def searched(tmp_path_factory):
     selection noise needs (a 25% rung keeping a quarter once left 1 completed).
     """
     tmp = tmp_path_factory.mktemp("search")
-    data = make_image_folder(tmp / "cast", per_class=(80, 10), px=32, tint=50, cast=100)
+    data = make_image_folder(tmp / "cast", per_class=(60, 10), px=32, tint=50, cast=100)
     space = write_space(tmp / "e2e.yaml", {**tiny(data), **ALL_FIVE},
                         {"num_samples": 8, "max_concurrent": 2, "grace": 0.5, "reduction_factor": 2,
                          "final_size_rungs": False,  # judged at the rung even while an 8>16 trial is at 8 px

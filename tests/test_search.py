@@ -142,8 +142,8 @@ def test_best_config_exports_and_retrains(searched):
     assert result["gain_points"] == pytest.approx(100 * (mine.accuracy.mean() - base.accuracy.mean()))
     low, high = result["gain_interval_points"]
     assert low < result["gain_points"] < high and result["verdict"] in result["gain_statement"]
-    noise = result["selection_noise"]  # 20% of the fixture's 240 train images, stratified
-    assert noise["n_valid"] == 48 and noise["se_points"] > 0 and "selection noise" in noise["statement"]
+    noise = result["selection_noise"]  # 20% of the fixture's 180 train images, stratified
+    assert noise["n_valid"] == 36 and noise["se_points"] > 0 and "selection noise" in noise["statement"]
     assert result["cost"]["search_trial_s"] > 0 and result["cost"]["confirm_trial_s"] > 0
     assert result["versions"]["ray"]
     cfg = parse_space(best).fixed()  # a config is a space with nothing left to sample
