@@ -82,7 +82,7 @@ def one_search(seed: int, trials: int, workers: int, work: Path, startup: int | 
     return {"searches": f"{trials}x{workers}", "seed": seed, "scheduler": d.scheduler, "grace": d.grace,
             "reduction_factor": d.reduction_factor, "searcher": d.searcher, "startup_trials": d.startup_trials,
             "final_size": bool(d.final_size_rungs), "epochs_mode": d.epochs, "trial_id": best.trial_id,
-            **{k: cfg.get(k) for k in [*space.searched, "epochs"]}, "holdout_accuracy": float(best.accuracy),
+            **{k: cfg.get(k) for k in space.searched}, "holdout_accuracy": float(best.accuracy),
             "val_accuracy": s["val_accuracy"], "val_tta": s["val_tta"], "trial_cpu_s": float(cpu.sum()),
             "stopped": int((trials_t.status == "stopped").sum()), "trials": int(len(trials_t))}
 
